@@ -92,10 +92,13 @@ def plot(rows: list[Row]) -> None:
            label="upstream")  # fmt: skip
     ax.bar([i + 0.2 for i in x], [statistics.median(r.ours) for r in rows], 0.4,
            label="llama-sparse (off)")  # fmt: skip
+    for i, r in enumerate(rows):
+        top = max(statistics.median(r.upstream), statistics.median(r.ours))
+        ax.annotate(f"ratio {r.ratio:.3f}", (i, top), ha="center", va="bottom")
     ax.set_xticks(list(x), [r.test for r in rows])
-    ax.set_ylabel("tokens/s")
-    ax.set_yscale("log")
-    ax.legend()
+    ax.set_ylabel("tokens/s (median)")
+    ax.margins(y=0.15)
+    ax.legend(loc="upper right")
     ax.set_title("Speed parity, same build options and threads")
     fig.tight_layout()
     PLOT.parent.mkdir(parents=True, exist_ok=True)
