@@ -127,6 +127,11 @@ def test_refresh_writes_commits_back_as_patches(tmp_path: Path) -> None:
     assert text.startswith("Description: add a file (test)\nForwarded: not-needed\n")
     assert "Last-Update: 2026-01-01" not in text  # refreshed patches get today's date
     assert "+changed" in text and "+first" not in text
+    # the edited tree now is the series: fetching it again changes nothing
+    head = git(dest, "rev-parse", "HEAD")
+    same = fetch("--dest", dest, "--patches", patches)
+    assert same.returncode == 0 and same.stderr == ""
+    assert git(dest, "rev-parse", "HEAD") == head
     # the refreshed series applies to a clean upstream
     again = fetch("--dest", tmp_path / "other", "--patches", patches)
     assert again.returncode == 0, again.stderr

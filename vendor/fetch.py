@@ -283,7 +283,15 @@ def refresh(dest: Path, patch_dir: Path) -> None:
             )
         path.write_text(header.rstrip("\n") + "\n\n" + diff)
         log(f"wrote {path}")
-    (dest / ".git" / STAMP).unlink(missing_ok=True)  # the next fetch re-applies the new series
+    names = {git(dest, "log", "-1", "--format=%s", c).stdout.strip() for c in commits}
+    stale = sorted(p.name for p in patch_series(patch_dir) if p.name not in names)
+    if stale:
+        raise FetchError(f"{', '.join(stale)}: no commit in {dest} carries these patches; "
+                         "delete them or commit them again")  # fmt: skip
+    # the tree is now exactly upstream + the series: the next fetch has nothing to do
+    stamp = wanted_stamp(read_lock(), patch_series(patch_dir))
+    stamp["head"] = git(dest, "rev-parse", "HEAD").stdout.strip()
+    (dest / ".git" / STAMP).write_text(json.dumps(stamp, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:
