@@ -1,0 +1,347 @@
+"""Write a sparse GGUF (docs/FORMAT.md, version 1) from a dense one and a plan.
+
+The plan says, per layer, which dense neurons to keep and in which order
+(hot-first), plus the calibrated per-neuron and per-layer values. This module
+does the file work: prune and reorder gate and up rows (raw bytes, lossless),
+transpose the down projection into `ffn_down_t` (requantized with ggml's own
+quantizers when the weights are quantized), pack the gate sign bits, and
+write the result atomically next to the destination.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+from gguf import GGUFReader, GGUFValueType, GGUFWriter
+from gguf.constants import GGML_QUANT_SIZES
+from gguf.quants import dequantize
+
+from llama_sparse import __version__, lib_dir
+
+FORMAT_VERSION = 1
+# Architectures whose FFN upstream builds with build_ffn and a gate, and
+# whose graphs llama-sparse patches; value: the FFN activation.
+SUPPORTED_ARCHS = {
+    "llama": "silu",
+    "qwen2": "silu",
+    "qwen3": "silu",
+    "gemma2": "gelu",
+    "gemma3": "gelu",
+}
+# Row length n_embd does not fit the input's block size (K-quants: 256):
+# the legacy type with at least as many bits per weight.
+DOWN_T_FALLBACK = {
+    QT.Q2_K: QT.Q4_0,
+    QT.Q3_K: QT.Q4_0,
+    QT.Q4_K: QT.Q4_1,
+    QT.Q5_K: QT.Q5_1,
+    QT.Q6_K: QT.Q8_0,
+}
+LOSSLESS = (QT.F32, QT.F16, QT.BF16)
+
+
+class ConvertError(ValueError):
+    """The input cannot be converted; the message says why."""
+
+
+@dataclass
+class LayerPlan:
+    keep: np.ndarray  # int: dense indices of the kept neurons, hot-first
+    up_absmean: np.ndarray  # float32 per kept neuron: mean |up_i . x| on calibration text
+
+
+@dataclass
+class SparsePlan:
+    layers: list[LayerPlan]
+    # extra sparse.* keys (tables, calibration, ...); typed by add_metadata
+    metadata: dict[str, Any] = field(default_factory=dict)
+    down_type: QT | None = None  # None: the input's type when it fits (see DOWN_T_FALLBACK)
+
+
+@dataclass
+class DenseModel:
+    """What the converter needs to know of a dense GGUF."""
+
+    path: Path
+    reader: GGUFReader
+    arch: str
+    n_layer: int
+    n_embd: int
+    n_ff: list[int]
+
+    def tensor(self, name: str) -> Any:
+        for t in self.reader.tensors:
+            if t.name == name:
+                return t
+        raise ConvertError(f"{self.path}: tensor {name} is missing")
+
+
+def open_dense(path: Path) -> DenseModel:
+    """Read and check a dense GGUF: exists, is GGUF, supported architecture, gated FFN."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConvertError(f"input not found: {path}")
+    with path.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ConvertError(f"{path} is not a GGUF file")
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, IndexError, OSError) as e:  # gguf raises these on short or bad data
+        raise ConvertError(f"{path} is truncated or damaged: {e}") from None
+
+    def key(name: str) -> Any:
+        f = reader.fields.get(name)
+        return None if f is None else f.contents()
+
+    if key("sparse.format_version") is not None:
+        raise ConvertError(f"{path} is already a sparse GGUF")
+    arch = key("general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise ConvertError(
+            f"{path}: architecture {arch!r} is not supported; llama-sparse converts "
+            f"gated-FFN models of the architectures {', '.join(SUPPORTED_ARCHS)}"
+        )
+    n_layer, n_embd = key(f"{arch}.block_count"), key(f"{arch}.embedding_length")
+    n_ff = key(f"{arch}.feed_forward_length")
+    n_ff = list(n_ff) if isinstance(n_ff, list) else [n_ff] * n_layer
+    names = {t.name for t in reader.tensors}
+    for il in range(n_layer):
+        if f"blk.{il}.ffn_gate_exps.weight" in names:
+            raise ConvertError(f"{path}: mixture-of-experts FFNs are not supported")
+        for m in ("gate", "up", "down"):
+            if f"blk.{il}.ffn_{m}.weight" not in names:
+                raise ConvertError(f"{path}: layer {il} has no ffn_{m} (not a gated FFN)")
+    return DenseModel(path, reader, arch, n_layer, n_embd, n_ff)
+
+
+def identity_plan(model: DenseModel) -> SparsePlan:
+    """Keep every neuron in dense order; up_absmean 1 (no calibration): for tests."""
+    return SparsePlan(
+        [LayerPlan(np.arange(n, dtype=np.int32), np.ones(n, dtype=np.float32)) for n in model.n_ff]
+    )
+
+
+# --- ggml's quantizers, from our own libggml-base ---------------------------
+
+_ggml: ctypes.CDLL | None = None
+
+
+def _ggml_base() -> ctypes.CDLL:
+    global _ggml
+    if _ggml is None:
+        lib = ctypes.CDLL(str(lib_dir() / "libggml-base.so"))
+        lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+        lib.ggml_quantize_chunk.argtypes = [
+            ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+            ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+        ]  # fmt: skip
+        lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+        lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+        _ggml = lib
+    return _ggml
+
+
+def quantize_rows(rows: np.ndarray, qtype: QT) -> np.ndarray:
+    """Quantize float32 rows (n_rows, n_per_row) with ggml; raw bytes (n_rows, row_bytes)."""
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    if qtype == QT.F32:
+        return rows
+    n_rows, n_per_row = rows.shape
+    block, size = GGML_QUANT_SIZES[qtype]
+    if n_per_row % block:
+        raise ConvertError(f"rows of {n_per_row} do not fit {qtype.name} blocks of {block}")
+    out = np.empty((n_rows, n_per_row // block * size), dtype=np.uint8)
+    written = _ggml_base().ggml_quantize_chunk(
+        int(qtype), rows.ctypes.data, out.ctypes.data, 0, n_rows, n_per_row, None
+    )
+    if written != out.nbytes:
+        raise ConvertError(f"ggml_quantize_chunk({qtype.name}) wrote {written} of {out.nbytes}")
+    return out
+
+
+def down_t_type(src: QT, n_embd: int, wanted: QT | None) -> tuple[QT, str]:
+    """Type for ffn_down_t rows of length n_embd, and why."""
+    if wanted is not None:
+        return wanted, f"{wanted.name} requested"
+    if src in LOSSLESS:
+        return src, f"{src.name}, transposed losslessly"
+    if n_embd % GGML_QUANT_SIZES[src][0] == 0 and not _ggml_base().ggml_quantize_requires_imatrix(
+        int(src)
+    ):
+        return src, f"{src.name}, requantized"
+    wider = DOWN_T_FALLBACK.get(src, QT.Q8_0)
+    if n_embd % GGML_QUANT_SIZES[wider][0]:
+        wider = QT.F16
+    return wider, f"{wider.name}: rows of {n_embd} do not fit {src.name} blocks"
+
+
+def pack_signs(rows: np.ndarray) -> np.ndarray:
+    """Bit b of word w of row i is 1 iff rows[i, 32 w + b] < 0; padding bits 0."""
+    n_rows, n = rows.shape
+    bits = np.zeros((n_rows, -(-n // 32) * 32), dtype=bool)
+    bits[:, :n] = rows < 0
+    return np.packbits(bits, axis=1, bitorder="little").view("<u4").astype(np.int32)
+
+
+# --- writing ------------------------------------------------------------------
+
+
+def _copy_metadata(model: DenseModel, writer: GGUFWriter) -> None:
+    skip = {"general.architecture", f"{model.arch}.feed_forward_length"}
+    for name, f in model.reader.fields.items():
+        if name.startswith("GGUF.") or name in skip:
+            continue
+        sub = f.types[1] if f.types[0] == GGUFValueType.ARRAY else None
+        writer.add_key_value(name, f.contents(), f.types[0], sub_type=sub)
+
+
+def _check_plan(model: DenseModel, plan: SparsePlan) -> None:
+    if len(plan.layers) != model.n_layer:
+        raise ConvertError(f"plan has {len(plan.layers)} layers, the model {model.n_layer}")
+    for il, (lp, n) in enumerate(zip(plan.layers, model.n_ff, strict=True)):
+        k = np.asarray(lp.keep)
+        if k.ndim != 1 or len(k) == 0 or len(np.unique(k)) != len(k) or k.min() < 0 or k.max() >= n:
+            raise ConvertError(f"layer {il}: keep must be distinct indices in [0, {n})")
+        if np.shape(lp.up_absmean) != k.shape:
+            raise ConvertError(f"layer {il}: up_absmean has shape {np.shape(lp.up_absmean)}")
+
+
+Tensor = tuple[str, np.ndarray, QT | None]  # name, data, raw ggml type (None: numpy dtype)
+
+
+def add_metadata(writer: GGUFWriter, name: str, value: Any) -> None:
+    """int -> u32, float -> f32, str, and 1-d arrays or lists of those."""
+    if isinstance(value, str):
+        writer.add_string(name, value)
+        return
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "uif" or arr.ndim > 1:
+        raise TypeError(f"{name}: unsupported metadata value {value!r}")
+    vtype = GGUFValueType.UINT32 if arr.dtype.kind in "ui" else GGUFValueType.FLOAT32
+    if arr.ndim == 0:
+        writer.add_key_value(name, arr.item(), vtype)
+    else:
+        writer.add_key_value(name, arr.tolist(), GGUFValueType.ARRAY, sub_type=vtype)
+
+
+def _layer_tensors(
+    model: DenseModel, il: int, lp: LayerPlan, plan: SparsePlan
+) -> tuple[list[Tensor], str]:
+    """Layer il's FFN in sparse form, and why ffn_down_t has its type."""
+    keep = np.asarray(lp.keep, dtype=np.int64)
+    out: list[Tensor] = []
+    names = {t.name for t in model.reader.tensors}
+    for m in ("gate", "up"):
+        t = model.tensor(f"blk.{il}.ffn_{m}.weight")
+        out.append((t.name, np.ascontiguousarray(t.data[keep]), t.tensor_type))
+        if f"blk.{il}.ffn_{m}.bias" in names:
+            b = model.tensor(f"blk.{il}.ffn_{m}.bias")
+            out.append((b.name, np.ascontiguousarray(b.data[keep]), None))
+    down = model.tensor(f"blk.{il}.ffn_down.weight")
+    qtype, reason = down_t_type(down.tensor_type, model.n_embd, plan.down_type)
+    down_t = dequantize(down.data, down.tensor_type).reshape(model.n_embd, -1)[:, keep].T
+    raw = quantize_rows(down_t, qtype)
+    stored = dequantize(raw, qtype).reshape(len(keep), model.n_embd)
+    gate = model.tensor(f"blk.{il}.ffn_gate.weight")
+    g = dequantize(gate.data[keep], gate.tensor_type).reshape(len(keep), model.n_embd)
+    out += [
+        (f"blk.{il}.ffn_down_t.weight", raw, qtype),
+        (f"blk.{il}.ffn_gate_sign", pack_signs(g), None),
+        (f"blk.{il}.ffn_neuron_index", keep.astype(np.int32), None),
+        (f"blk.{il}.ffn_down_norm", np.linalg.norm(stored, axis=1).astype(np.float32), None),
+        (f"blk.{il}.ffn_up_absmean", np.asarray(lp.up_absmean, dtype=np.float32), None),
+    ]
+    return out, reason
+
+
+def write_sparse(src: Path, dst: Path, plan: SparsePlan, *, progress: bool = True) -> Path:
+    """Write the sparse GGUF for `plan` to dst, atomically; never over src."""
+    src, dst = Path(src), Path(dst)
+    if dst.resolve() == src.resolve() or (dst.exists() and os.path.samefile(src, dst)):
+        raise ConvertError(f"refusing to write over the input {src}")
+    model = open_dense(src)
+    _check_plan(model, plan)
+    reasons: dict[str, list[int]] = {}
+
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o666 & ~umask)  # mkstemp makes it 0600; the result is an ordinary file
+    writer: GGUFWriter | None = None
+    try:
+        writer = GGUFWriter(tmp, model.arch)
+        if "general.alignment" in model.reader.fields:
+            writer.data_alignment = int(model.reader.fields["general.alignment"].contents())
+        _copy_metadata(model, writer)
+        widths = np.array([len(lp.keep) for lp in plan.layers], dtype=np.uint32)
+        for name, value in {
+            f"{model.arch}.feed_forward_length": widths,
+            "sparse.format_version": np.uint32(FORMAT_VERSION),
+            "sparse.method": f"llama-sparse-convert {__version__}",
+            "sparse.activation": SUPPORTED_ARCHS[model.arch],
+            "sparse.original_ff_length": np.array(model.n_ff, dtype=np.uint32),
+            "sparse.dead_neurons": np.array(model.n_ff, dtype=np.uint32) - widths,
+            **plan.metadata,
+        }.items():
+            add_metadata(writer, name, value)
+        ffn = {f"blk.{il}.ffn_{m}.{s}" for il in range(model.n_layer)
+               for m in ("gate", "up", "down") for s in ("weight", "bias")}  # fmt: skip
+        for t in model.reader.tensors:
+            if t.name not in ffn:
+                writer.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
+                continue
+            il = int(t.name.split(".")[1])
+            if t.name == f"blk.{il}.ffn_down.bias":
+                writer.add_tensor(t.name, t.data)
+            if t.name != f"blk.{il}.ffn_down.weight":
+                continue  # the layer's FFN is written once, at its down tensor
+            tensors, reason = _layer_tensors(model, il, plan.layers[il], plan)
+            reasons.setdefault(reason, []).append(il)
+            for name, data, qtype in tensors:
+                if qtype is None:
+                    writer.add_tensor(name, data)
+                else:
+                    writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
+        writer.add_string(
+            "sparse.down_t.reason",
+            "; ".join(
+                f"{r} (layers {', '.join(map(str, sorted(ls)))})" for r, ls in reasons.items()
+            ),
+        )
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=progress)
+        writer.close()
+        with tmp.open("rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except BaseException as e:
+        if writer is not None and writer.fout is not None:
+            for f in writer.fout:
+                try:
+                    f.close()
+                except OSError:  # flushing into a full disk fails again
+                    pass
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _write_error(dst, e) from e
+        raise
+    return dst
+
+
+def _write_error(dst: Path, e: OSError) -> ConvertError:
+    free = shutil.disk_usage(dst.parent).free
+    return ConvertError(
+        f"cannot write {dst}: {e.strerror or e}; {free / 2**20:.1f} MiB free in {dst.parent} "
+        "(nothing was left behind)"
+    )
