@@ -92,3 +92,14 @@ def test_bench_launcher_measures(smollm2: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "avg_ts" in proc.stdout
+
+
+def test_inspect_dense_and_bad(smollm2: Path, tmp_path: Path) -> None:
+    proc = cli("inspect", str(smollm2))
+    assert proc.returncode == 0, proc.stderr
+    assert "dense GGUF" in proc.stdout
+    bad = tmp_path / "bad.gguf"
+    bad.write_text("not a model")
+    proc = cli("inspect", str(bad))
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"llama-sparse: error: {bad} is not a GGUF file"

@@ -65,6 +65,13 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .convert.inspect import summary
+
+    print(summary(args.file))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="llama-sparse",
@@ -134,6 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="print only this model's path, downloading it if needed",
     )
     mod.set_defaults(func=cmd_models)
+
+    ins = sub.add_parser(
+        "inspect",
+        help="summarise a sparse GGUF (or say that a file is dense)",
+        description="Print a sparse GGUF's format version, per-layer widths and dead "
+        "neurons, sparsity levels, predictor alpha and sizes; for a dense GGUF, say so.",
+    )
+    ins.add_argument("file", help="GGUF file")
+    ins.set_defaults(func=cmd_inspect)
 
     for name, (_binary, help_) in LAUNCHERS.items():
         sub.add_parser(name, help=help_, add_help=False)
