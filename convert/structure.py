@@ -23,6 +23,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import dequantize
+from tqdm import tqdm
 
 from llama_sparse import __version__, lib_dir
 
@@ -77,11 +78,13 @@ class DenseModel:
     n_embd: int
     n_ff: list[int]
 
+    tensors: dict[str, Any] = field(default_factory=dict)  # name -> ReaderTensor
+
     def tensor(self, name: str) -> Any:
-        for t in self.reader.tensors:
-            if t.name == name:
-                return t
-        raise ConvertError(f"{self.path}: tensor {name} is missing")
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise ConvertError(f"{self.path}: tensor {name} is missing") from None
 
 
 def open_dense(path: Path) -> DenseModel:
@@ -112,14 +115,15 @@ def open_dense(path: Path) -> DenseModel:
     n_layer, n_embd = key(f"{arch}.block_count"), key(f"{arch}.embedding_length")
     n_ff = key(f"{arch}.feed_forward_length")
     n_ff = list(n_ff) if isinstance(n_ff, list) else [n_ff] * n_layer
-    names = {t.name for t in reader.tensors}
+    tensors = {t.name: t for t in reader.tensors}
+    names = tensors.keys()
     for il in range(n_layer):
         if f"blk.{il}.ffn_gate_exps.weight" in names:
             raise ConvertError(f"{path}: mixture-of-experts FFNs are not supported")
         for m in ("gate", "up", "down"):
             if f"blk.{il}.ffn_{m}.weight" not in names:
                 raise ConvertError(f"{path}: layer {il} has no ffn_{m} (not a gated FFN)")
-    return DenseModel(path, reader, arch, n_layer, n_embd, n_ff)
+    return DenseModel(path, reader, arch, n_layer, n_embd, n_ff, tensors)
 
 
 def identity_plan(model: DenseModel) -> SparsePlan:
@@ -238,11 +242,10 @@ def _layer_tensors(
     """Layer il's FFN in sparse form, and why ffn_down_t has its type."""
     keep = np.asarray(lp.keep, dtype=np.int64)
     out: list[Tensor] = []
-    names = {t.name for t in model.reader.tensors}
     for m in ("gate", "up"):
         t = model.tensor(f"blk.{il}.ffn_{m}.weight")
         out.append((t.name, np.ascontiguousarray(t.data[keep]), t.tensor_type))
-        if f"blk.{il}.ffn_{m}.bias" in names:
+        if f"blk.{il}.ffn_{m}.bias" in model.tensors:
             b = model.tensor(f"blk.{il}.ffn_{m}.bias")
             out.append((b.name, np.ascontiguousarray(b.data[keep]), None))
     down = model.tensor(f"blk.{il}.ffn_down.weight")
@@ -296,6 +299,7 @@ def write_sparse(src: Path, dst: Path, plan: SparsePlan, *, progress: bool = Tru
             add_metadata(writer, name, value)
         ffn = {f"blk.{il}.ffn_{m}.{s}" for il in range(model.n_layer)
                for m in ("gate", "up", "down") for s in ("weight", "bias")}  # fmt: skip
+        layers = tqdm(total=model.n_layer, desc="sparse FFN layers", disable=not progress)
         for t in model.reader.tensors:
             if t.name not in ffn:
                 writer.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
@@ -307,11 +311,13 @@ def write_sparse(src: Path, dst: Path, plan: SparsePlan, *, progress: bool = Tru
                 continue  # the layer's FFN is written once, at its down tensor
             tensors, reason = _layer_tensors(model, il, plan.layers[il], plan)
             reasons.setdefault(reason, []).append(il)
+            layers.update()
             for name, data, qtype in tensors:
                 if qtype is None:
                     writer.add_tensor(name, data)
                 else:
                     writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
+        layers.close()
         writer.add_string(
             "sparse.down_t.reason",
             "; ".join(
