@@ -1,0 +1,59 @@
+"""llama_sparse.quality: perplexity, KL divergence and top-1 agreement via llama-perplexity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+from llama_sparse import quality
+
+# Real English text shipped with Debian (base-files).
+TEXT = Path("/usr/share/common-licenses/GPL-3")
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("text") / "gpl3.txt"
+    out.write_bytes(TEXT.read_bytes()[:12000])
+    return out
+
+
+def damaged_copy(src: Path, dst: Path) -> Path:
+    """The same model with layer 3's FFN output zeroed."""
+    r = GGUFReader(src)
+    w = GGUFWriter(dst, r.fields["general.architecture"].contents())
+    for name, f in r.fields.items():
+        if not name.startswith("GGUF.") and name != "general.architecture":
+            sub = f.types[1] if f.types[0] == GGUFValueType.ARRAY else None
+            w.add_key_value(name, f.contents(), f.types[0], sub_type=sub)
+    for t in r.tensors:
+        data = np.zeros_like(t.data) if t.name == "blk.3.ffn_down.weight" else t.data
+        w.add_tensor(t.name, data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def test_model_against_itself(smollm2: Path, text: Path) -> None:
+    (q,) = quality.compare(smollm2, [smollm2], text, ctx=256)
+    assert q.ppl == pytest.approx(q.ppl_base, rel=1e-4)
+    assert abs(q.mean_kld) < 1e-4 and q.top1 == 1.0
+    assert quality.perplexity(smollm2, text, ctx=256) == pytest.approx(q.ppl_base, rel=1e-3)
+
+
+def test_damaged_model_is_measured_worse(smollm2: Path, text: Path, tmp_path: Path) -> None:
+    bad = damaged_copy(smollm2, tmp_path / "bad.gguf")
+    (q,) = quality.compare(smollm2, [bad], text, ctx=256)
+    assert q.ppl_change > 0.01
+    assert q.mean_kld > 0.01
+    assert 0.0 < q.top1 < 0.99
+
+
+def test_failure_is_reported(tmp_path: Path, text: Path) -> None:
+    with pytest.raises(quality.QualityError, match="failed"):
+        quality.perplexity(tmp_path / "missing.gguf", text)
