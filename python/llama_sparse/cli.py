@@ -23,6 +23,20 @@ LAUNCHERS: dict[str, tuple[str, str]] = {
 DEMO_PROMPT = "The three primary colors are"
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), not {text}")
+    return value
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .llama import Llama
 
@@ -65,6 +79,38 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .convert.pipeline import convert
+
+    text, source = None, ""
+    if args.text:
+        text = "\n\n".join(Path(f).read_text(encoding="utf-8") for f in args.text)
+        source = ", ".join(Path(f).name for f in args.text)
+    r = convert(
+        args.input,
+        args.output,
+        text=text,
+        source=source,
+        n_tokens=args.tokens,
+        dead_tolerance=args.dead_tolerance,
+        prune=not args.no_prune,
+        reorder=not args.no_reorder,
+        threads=args.threads,
+    )
+    dead, total = sum(r.dead), sum(r.original)
+    print(f"wrote {r.output} in {r.seconds:.1f} s")
+    print(
+        f"  calibration: {r.calibration_tokens} tokens in {r.calibration_seconds:.1f} s "
+        f"({r.tokens_per_second:.0f} tokens/s)"
+    )
+    print(f"  dead neurons pruned: {dead} of {total} ({dead / total:.2%}); per layer: "
+          + " ".join(str(d) for d in r.dead))  # fmt: skip
+    print(f"  size: {r.input_bytes / 2**20:.1f} MiB -> {r.output_bytes / 2**20:.1f} MiB")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .convert.inspect import summary
 
@@ -102,7 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default: {models.DEFAULT_MODEL})",
     )
     run.add_argument(
-        "-n", "--n-predict", type=int, default=64, help="number of tokens to generate (default: 64)"
+        "-n",
+        "--n-predict",
+        type=positive_int,
+        default=64,
+        help="number of tokens to generate (default: 64)",
     )
     run.add_argument(
         "--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy (default: 0)"
@@ -111,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "-t",
         "--threads",
-        type=int,
+        type=positive_int,
         default=None,
         help="CPU threads (default: llama-cpp-python's choice)",
     )
@@ -141,6 +191,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="print only this model's path, downloading it if needed",
     )
     mod.set_defaults(func=cmd_models)
+
+    conv = sub.add_parser(
+        "convert",
+        help="convert a dense GGUF into a sparse GGUF",
+        description="Calibrate the model on real text, prune dead neurons, order the rest "
+        "hot-first, and write a sparse GGUF (docs/FORMAT.md). The input is never modified; "
+        "the output is written to a temporary file and renamed when complete.",
+    )
+    conv.add_argument("input", help="dense GGUF (any quantization)")
+    conv.add_argument("output", help="sparse GGUF to write")
+    conv.add_argument("--text", action="append", metavar="FILE",
+                      help="calibration text file (repeatable; default: Python's pydoc "
+                      "topics, disjoint from the evaluation text)")  # fmt: skip
+    conv.add_argument("--tokens", type=positive_int, default=16384,
+                      help="calibration tokens (default: 16384)")  # fmt: skip
+    conv.add_argument("--dead-tolerance", type=fraction, default=0.01,
+                      help="prune a neuron whose contribution never exceeded this fraction of "
+                      "its layer's mean contribution (default: 0.01)")  # fmt: skip
+    conv.add_argument("--no-prune", action="store_true", help="keep dead neurons")
+    conv.add_argument("--no-reorder", action="store_true",
+                      help="keep the dense neuron order instead of hot-first")  # fmt: skip
+    conv.add_argument("-t", "--threads", type=positive_int, default=None, help="CPU threads")
+    conv.set_defaults(func=cmd_convert)
 
     ins = sub.add_parser(
         "inspect",
