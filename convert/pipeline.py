@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from . import structure
+from .allocate import DEFAULT_LEVELS, Tables, allocate
 from .calibrate import CalibrationStats, calibrate
 from .structure import LayerPlan, SparsePlan
 
-DEFAULT_LEVELS = tuple(round(0.1 * i, 1) for i in range(1, 10))
 # A neuron is dead when its weight-aware contribution |act(g) u| * ||down||
 # never exceeded this fraction of its layer's mean contribution.
 DEFAULT_DEAD_TOLERANCE = 0.01
@@ -32,6 +32,7 @@ class ConvertResult:
     calibration_tokens: int
     dead: list[int]
     original: list[int]
+    tables: Tables
     input_bytes: int
     output_bytes: int
 
@@ -42,9 +43,8 @@ class ConvertResult:
 
 def dead_mask(stats: CalibrationStats, il: int, tolerance: float) -> np.ndarray:
     """Neurons whose contribution never exceeded `tolerance` x the layer's mean contribution."""
-    peak = stats.h_absmax[il] * stats.down_norm[il]
     typical = float(np.mean(stats.h_absmean[il] * stats.down_norm[il]))
-    return peak <= tolerance * typical
+    return stats.score3_max(il) <= tolerance * typical
 
 
 def make_plan(
@@ -55,8 +55,8 @@ def make_plan(
         keep = np.arange(stats.n_ff[il])
         if prune:
             keep = keep[~dead_mask(stats, il, dead_tolerance)]
-        if reorder:  # hot-first: most often active first (stable: ties keep dense order)
-            keep = keep[np.argsort(-stats.freq[il][keep], kind="stable")]
+        if reorder:
+            keep = stats.hot_order(il, keep)
         layers.append(LayerPlan(keep.astype(np.int32), stats.up_absmean[il][keep]))
     return SparsePlan(
         layers,
@@ -75,6 +75,8 @@ def convert(
     text: str | None = None,
     source: str = "",
     n_tokens: int = 16384,
+    levels: tuple[float, ...] = DEFAULT_LEVELS,
+    allocation: str = "greedy",
     dead_tolerance: float = DEFAULT_DEAD_TOLERANCE,
     prune: bool = True,
     reorder: bool = True,
@@ -89,6 +91,12 @@ def convert(
     t0 = time.perf_counter()
     stats = calibrate(src, text, n_tokens, n_threads=threads, source=source, progress=progress)
     plan = make_plan(stats, dead_tolerance=dead_tolerance, prune=prune, reorder=reorder)
+    tables = allocate(stats, levels, method=allocation, keep=[lp.keep for lp in plan.layers])
+    plan.metadata.update(tables.metadata())
+    # what each mode reached on calibration text, per level: the runtime refuses
+    # a level its mode cannot reach (threshold mode always reads the gate rows)
+    plan.metadata["sparse.threshold.achieved"] = tables.threshold.achieved
+    plan.metadata["sparse.predict.achieved"] = tables.predict.achieved
     structure.write_sparse(src, dst, plan, progress=progress)
     return ConvertResult(
         output=dst,
@@ -97,6 +105,7 @@ def convert(
         calibration_tokens=stats.n_tokens,
         dead=[stats.n_ff[i] - len(lp.keep) for i, lp in enumerate(plan.layers)],
         original=list(stats.n_ff),
+        tables=tables,
         input_bytes=src.stat().st_size,
         output_bytes=dst.stat().st_size,
     )

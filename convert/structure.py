@@ -10,7 +10,6 @@ write the result atomically next to the destination.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import tempfile
@@ -25,7 +24,9 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import dequantize
 from tqdm import tqdm
 
-from llama_sparse import __version__, lib_dir
+from llama_sparse import __version__
+
+from ._ggml import ggml_base
 
 FORMAT_VERSION = 1
 # Architectures whose FFN upstream builds with build_ffn and a gate, and
@@ -133,26 +134,6 @@ def identity_plan(model: DenseModel) -> SparsePlan:
     )
 
 
-# --- ggml's quantizers, from our own libggml-base ---------------------------
-
-_ggml: ctypes.CDLL | None = None
-
-
-def _ggml_base() -> ctypes.CDLL:
-    global _ggml
-    if _ggml is None:
-        lib = ctypes.CDLL(str(lib_dir() / "libggml-base.so"))
-        lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-        lib.ggml_quantize_chunk.argtypes = [
-            ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-            ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-        ]  # fmt: skip
-        lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
-        lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
-        _ggml = lib
-    return _ggml
-
-
 def quantize_rows(rows: np.ndarray, qtype: QT) -> np.ndarray:
     """Quantize float32 rows (n_rows, n_per_row) with ggml; raw bytes (n_rows, row_bytes)."""
     rows = np.ascontiguousarray(rows, dtype=np.float32)
@@ -163,7 +144,7 @@ def quantize_rows(rows: np.ndarray, qtype: QT) -> np.ndarray:
     if n_per_row % block:
         raise ConvertError(f"rows of {n_per_row} do not fit {qtype.name} blocks of {block}")
     out = np.empty((n_rows, n_per_row // block * size), dtype=np.uint8)
-    written = _ggml_base().ggml_quantize_chunk(
+    written = ggml_base().ggml_quantize_chunk(
         int(qtype), rows.ctypes.data, out.ctypes.data, 0, n_rows, n_per_row, None
     )
     if written != out.nbytes:
@@ -177,7 +158,7 @@ def down_t_type(src: QT, n_embd: int, wanted: QT | None) -> tuple[QT, str]:
         return wanted, f"{wanted.name} requested"
     if src in LOSSLESS:
         return src, f"{src.name}, transposed losslessly"
-    if n_embd % GGML_QUANT_SIZES[src][0] == 0 and not _ggml_base().ggml_quantize_requires_imatrix(
+    if n_embd % GGML_QUANT_SIZES[src][0] == 0 and not ggml_base().ggml_quantize_requires_imatrix(
         int(src)
     ):
         return src, f"{src.name}, requantized"

@@ -30,10 +30,22 @@ def positive_int(text: str) -> int:
     return value
 
 
-def fraction(text: str) -> float:
+def levels_list(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text}") from None
+    if any(not 0 < v < 1 for v in values) or any(
+        b <= a for a, b in zip(values, values[1:], strict=False)
+    ):
+        raise argparse.ArgumentTypeError(f"levels must be increasing and in (0, 1): {text}")
+    return values
+
+
+def nonnegative(text: str) -> float:
     value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), not {text}")
+    if not value >= 0.0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, not {text}")
     return value
 
 
@@ -94,6 +106,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         text=text,
         source=source,
         n_tokens=args.tokens,
+        levels=tuple(args.levels),
+        allocation=args.allocation,
         dead_tolerance=args.dead_tolerance,
         prune=not args.no_prune,
         reorder=not args.no_reorder,
@@ -108,6 +122,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     print(f"  dead neurons pruned: {dead} of {total} ({dead / total:.2%}); per layer: "
           + " ".join(str(d) for d in r.dead))  # fmt: skip
     print(f"  size: {r.input_bytes / 2**20:.1f} MiB -> {r.output_bytes / 2**20:.1f} MiB")
+    t = r.tables
+    print(f"  levels ({t.allocation} allocation): "
+          + ", ".join(f"{lv:g}" for lv in t.levels))  # fmt: skip
+    for mode, table in (("threshold", t.threshold), ("predict", t.predict)):
+        print(f"  {mode:<9} achieved on calibration: "
+              + ", ".join(f"{a:.2f}" for a in table.achieved))  # fmt: skip
     return 0
 
 
@@ -206,7 +226,21 @@ def build_parser() -> argparse.ArgumentParser:
                       "topics, disjoint from the evaluation text)")  # fmt: skip
     conv.add_argument("--tokens", type=positive_int, default=16384,
                       help="calibration tokens (default: 16384)")  # fmt: skip
-    conv.add_argument("--dead-tolerance", type=fraction, default=0.01,
+    conv.add_argument(
+        "--levels",
+        type=levels_list,
+        default=[0.1 * i for i in range(1, 10)],
+        metavar="L1,L2,...",
+        help="sparsity levels of the threshold table: fractions of FFN weight "
+        "bytes skipped per token, increasing, in (0, 1) (default: 0.1,...,0.9)",
+    )
+    conv.add_argument(
+        "--allocation",
+        choices=["greedy", "uniform"],
+        default="greedy",
+        help="how a level is split over mask points and layers (default: greedy)",
+    )
+    conv.add_argument("--dead-tolerance", type=nonnegative, default=0.01,
                       help="prune a neuron whose contribution never exceeded this fraction of "
                       "its layer's mean contribution (default: 0.01)")  # fmt: skip
     conv.add_argument("--no-prune", action="store_true", help="keep dead neurons")

@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""Converter benchmark: time, sizes, dead neurons and quality with sparsity off.
+
+    python scripts/bench_convert.py [--models smollm2-135m gemma3-270m] [--eval-chars 40000]
+
+For each real model: converts it with the default options (and once more
+without pruning, to separate the cost of pruning from the cost of the
+requantized ffn_down_t), then measures perplexity, mean KL divergence and
+top-1 agreement of both against the dense model with our llama-perplexity on
+the evaluation text (disjoint from the calibration text). Also converts a
+synthetic GGUF with Llama-2-7B layer shapes (random weights) for the time.
+Prints tables and rewrites its section of docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from llama_sparse import models, quality
+from llama_sparse.convert import synthetic
+from llama_sparse.convert.pipeline import ConvertResult, convert
+from llama_sparse.convert.structure import identity_plan, open_dense, write_sparse
+from llama_sparse.convert.text import evaluation_text
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "BENCHMARKS.md"
+BEGIN, END = "<!-- bench_convert:begin -->", "<!-- bench_convert:end -->"
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def sign_bytes(r: ConvertResult, n_embd: int) -> int:
+    return sum(w - d for w, d in zip(r.original, r.dead, strict=True)) * -(-n_embd // 32) * 4
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
+    ap.add_argument("--eval-chars", type=int, default=40000, help="evaluation text length")
+    ap.add_argument("--ctx", type=int, default=512, help="perplexity context (default: 512)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-doc", action="store_true", help="do not touch docs/BENCHMARKS.md")
+    args = ap.parse_args()
+
+    text, source = evaluation_text()
+    conv_rows, qual_rows, layer_rows = [], [], []
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        eval_file = tmp / "eval.txt"
+        eval_file.write_text(text[: args.eval_chars])
+        for name in args.models:
+            src = models.fetch(name)
+            n_embd = open_dense(src).n_embd
+            out = tmp / f"{name}.sparse.gguf"
+            r = convert(src, out, threads=args.threads)
+            nopr = convert(src, tmp / f"{name}.noprune.gguf", prune=False, threads=args.threads)
+            dead, total = sum(r.dead), sum(r.original)
+            conv_rows.append(
+                f"| {name} | {r.seconds:.1f} | {r.calibration_tokens} | {r.tokens_per_second:.0f} "
+                f"| {dead} ({dead / total:.2%}) | {mib(r.input_bytes)} | {mib(r.output_bytes)} "
+                f"| {mib(sign_bytes(r, n_embd))} |"
+            )
+            layer_rows.append(
+                f"| {name} | "
+                + " ".join(f"{d / n:.1%}" for d, n in zip(r.dead, r.original, strict=True))
+                + " |"
+            )
+            q_pr, q_np = quality.compare(src, [out, nopr.output], eval_file, ctx=args.ctx,
+                                         threads=args.threads)  # fmt: skip
+            for label, q in (("converted (default)", q_pr), ("converted, --no-prune", q_np)):
+                qual_rows.append(
+                    f"| {name} | {label} | {q.ppl_base:.4f} | {q.ppl:.4f} | {q.ppl_change:+.3%} "
+                    f"| {q.mean_kld:.5f} | {q.top1:.2%} |"
+                )
+            qual_rows.append(
+                f"| {name} | pruning alone | {q_np.ppl:.4f} | {q_pr.ppl:.4f} "
+                f"| {q_pr.ppl / q_np.ppl - 1:+.3%} | | |"
+            )
+
+        syn = synthetic.write_synthetic(tmp / "syn7b.gguf", models.fetch("smollm2-135m"),
+                                        synthetic.SHAPES["llama2-7b"], n_layer=2)  # fmt: skip
+        t0 = time.perf_counter()
+        write_sparse(syn, tmp / "syn7b.sparse.gguf", identity_plan(open_dense(syn)))
+        t_write = time.perf_counter() - t0
+        rs = convert(syn, tmp / "syn7b.conv.gguf", n_tokens=2048, threads=args.threads)
+
+    tables = "\n".join(
+        [
+            "| model | convert s | calibration tokens | tokens/s | dead neurons | input MiB "
+            "| output MiB | of which sign bits MiB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            *conv_rows,
+            "",
+            "Dead neurons per layer (fraction of the layer's width):",
+            "",
+            "| model | layers 0, 1, 2, ... |",
+            "|---|---|",
+            *layer_rows,
+            "",
+            f"Quality with sparsity off, against the dense model, on {args.eval_chars} characters "
+            f"of {source}, context {args.ctx}:",
+            "",
+            "| model | file | PPL dense | PPL | change | mean KLD | top-1 agreement |",
+            "|---|---|---:|---:|---:|---:|---:|",
+            *qual_rows,
+            "",
+            "Synthetic GGUF with Llama-2-7B layer shapes (n_embd 4096, n_ff 11008), 2 layers, "
+            "Q4_0, random weights:",
+            "",
+            "| step | seconds |",
+            "|---|---:|",
+            f"| write the sparse file (identity plan) | {t_write:.1f} |",
+            f"| full convert, {rs.calibration_tokens} calibration tokens | {rs.seconds:.1f} |",
+        ]
+    )
+    print(tables)
+    if not args.no_doc:
+        cmd = " ".join(["python scripts/bench_convert.py", *sys.argv[1:]])
+        section = f"Made by `{cmd}` on {platform.machine()}, {args.threads} threads.\n\n{tables}"
+        doc = DOC.read_text()
+        block = f"{BEGIN}\n{section}\n{END}"
+        if BEGIN in doc:
+            doc = doc[: doc.index(BEGIN)] + block + doc[doc.index(END) + len(END) :]
+        else:
+            doc = doc.rstrip("\n") + "\n\n## Converter\n\n" + block + "\n"
+        DOC.write_text(doc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

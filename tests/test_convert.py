@@ -1,0 +1,103 @@
+"""`llama-sparse convert` end to end on the real SmolLM2, and its refusals."""
+
+from __future__ import annotations
+
+import subprocess
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGUFReader
+
+from llama_sparse.convert import pipeline, structure
+from llama_sparse.convert.inspect import summary
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    exe = Path(sysconfig.get_path("scripts")) / "llama-sparse"
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def converted(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("conv") / "smollm2.sparse.gguf"
+    # SmolLM2 has no dead neurons (every neuron's peak contribution is > 1.7x its layer's mean):
+    # a tolerance that high gives pruning something to prune
+    proc = cli("convert", str(smollm2), str(out), "--tokens", "2048", "--dead-tolerance", "2.5",
+               "-t", "2")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "calibration: 2048 tokens" in proc.stdout
+    return out
+
+
+def test_converted_file_has_tables_and_hot_first_order(converted: Path) -> None:
+    r = GGUFReader(converted)
+    kv = {k: f.contents() for k, f in r.fields.items()}
+    n_layer = 30
+    levels = kv["sparse.levels"]
+    assert levels == pytest.approx([0.1 * i for i in range(1, 10)])
+    for key in ("sparse.threshold.gate", "sparse.threshold.up", "sparse.predict.alpha",
+                "sparse.predict.gate", "sparse.predict.up"):  # fmt: skip
+        assert len(kv[key]) == len(levels) * n_layer, key
+    assert len(kv["sparse.predictor.alpha"]) == n_layer
+    assert kv["sparse.allocation"] == "greedy"
+    assert kv["sparse.calibration.tokens"] == 2048
+    assert "pydoc_data" in kv["sparse.calibration.source"]
+    # thresholds grow with the level
+    gate = np.array(kv["sparse.threshold.gate"]).reshape(len(levels), n_layer)
+    assert (np.diff(gate.sum(axis=1)) >= 0).all()
+    dead = kv["sparse.dead_neurons"]
+    assert sum(dead) > 0
+    widths = kv["llama.feed_forward_length"]
+    assert [w + d for w, d in zip(widths, dead, strict=True)] == [1536] * n_layer
+    assert "levels         0.1, 0.2" in summary(converted)
+
+
+def test_bad_options_are_refused(smollm2: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o.gguf"
+    for args, expect in (
+        (["--levels", "0.5,0.3"], "levels must be increasing"),
+        (["--levels", "0.5,1.2"], "levels must be increasing and in (0, 1)"),
+        (["--tokens", "0"], "must be a positive integer"),
+        (["--dead-tolerance", "-1"], "must be a number >= 0"),
+    ):
+        proc = cli("convert", str(smollm2), str(out), *args)
+        assert proc.returncode == 2 and expect in proc.stderr, (args, proc.stderr)
+    assert not out.exists()
+
+
+def test_bad_inputs_are_one_clear_line(smollm2: Path, tmp_path: Path) -> None:
+    text = tmp_path / "notes.gguf"
+    text.write_text("text")
+    for src, dst, expect in (
+        (text, tmp_path / "o.gguf", "is not a GGUF file"),
+        (tmp_path / "missing.gguf", tmp_path / "o.gguf", "input not found"),
+        (smollm2, smollm2, "refusing to write over the input"),
+    ):
+        proc = cli("convert", str(src), str(dst))
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+        assert expect in lines[0]
+    assert structure.open_dense(smollm2)  # the input is untouched
+
+
+def test_dead_mask_is_relative_to_the_layer(smollm2: Path) -> None:
+    class Stats:  # the two fields dead_mask reads
+        h_absmean = [np.array([1.0, 1.0, 1.0, 0.0])]
+        down_norm = [np.array([1.0, 1.0, 1.0, 1.0])]
+
+        def score3_max(self, il: int) -> np.ndarray:
+            return np.array([2.0, 0.5, 0.01, 0.0])
+
+    mask = pipeline.dead_mask(Stats(), 0, 0.05)  # type: ignore[arg-type]
+    assert mask.tolist() == [False, False, True, True]
+
+
+def test_converted_model_runs(converted: Path) -> None:
+    from llama_sparse import Llama
+
+    llm = Llama(model_path=str(converted), n_ctx=256, n_threads=2, verbose=False)
+    assert llm.is_sparse
+    out = llm.create_completion("The capital of France is", max_tokens=8, temperature=0.0)
+    assert "Paris" in out["choices"][0]["text"]
