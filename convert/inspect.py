@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from gguf import GGUFReader
 
-from .structure import ConvertError
+from .structure import read_gguf
 
 
 def _kv(reader: GGUFReader) -> dict[str, Any]:
@@ -19,15 +19,7 @@ def _kv(reader: GGUFReader) -> dict[str, Any]:
 def summary(path: Path) -> str:
     """A human-readable summary of a sparse GGUF, or a statement that the file is dense."""
     path = Path(path)
-    if not path.is_file():
-        raise ConvertError(f"file not found: {path}")
-    with path.open("rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ConvertError(f"{path} is not a GGUF file")
-    try:
-        reader = GGUFReader(path)
-    except (ValueError, IndexError, OSError) as e:
-        raise ConvertError(f"{path} is truncated or damaged: {e}") from None
+    reader = read_gguf(path)
     kv = _kv(reader)
     arch = kv.get("general.architecture", "?")
     size = path.stat().st_size

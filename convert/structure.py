@@ -88,18 +88,23 @@ class DenseModel:
             raise ConvertError(f"{self.path}: tensor {name} is missing") from None
 
 
-def open_dense(path: Path) -> DenseModel:
-    """Read and check a dense GGUF: exists, is GGUF, supported architecture, gated FFN."""
-    path = Path(path)
+def read_gguf(path: Path) -> GGUFReader:
+    """A reader for `path`, or a ConvertError saying why there is none."""
     if not path.is_file():
         raise ConvertError(f"input not found: {path}")
     with path.open("rb") as f:
         if f.read(4) != b"GGUF":
             raise ConvertError(f"{path} is not a GGUF file")
     try:
-        reader = GGUFReader(path)
+        return GGUFReader(path)
     except (ValueError, IndexError, OSError) as e:  # gguf raises these on short or bad data
         raise ConvertError(f"{path} is truncated or damaged: {e}") from None
+
+
+def open_dense(path: Path) -> DenseModel:
+    """Read and check a dense GGUF: exists, is GGUF, supported architecture, gated FFN."""
+    path = Path(path)
+    reader = read_gguf(path)
 
     def key(name: str) -> Any:
         f = reader.fields.get(name)

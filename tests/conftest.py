@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -29,3 +30,29 @@ def reference_bin() -> Path:
         text=True,
     ).stdout
     return Path(out.strip().splitlines()[-1])
+
+
+# A load that should fail runs in a child process: a crash or a hang fails the
+# test instead of taking pytest down with it.
+_LOAD = textwrap.dedent(
+    """
+    import sys
+    from llama_sparse import Llama, ModelFileError
+    try:
+        Llama(model_path=sys.argv[1], verbose=False)
+    except ModelFileError as e:
+        assert isinstance(e, ValueError)
+        print(e)
+        sys.exit(0)
+    sys.exit("loaded without an error")
+    """
+)
+
+
+def load_error(path: Path) -> str:
+    """The ModelFileError message llama_sparse.Llama gives for `path`."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _LOAD, str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip()

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
 import llama_sparse
 from llama_sparse import Llama, lib_dir
+
+from conftest import load_error
 
 
 @pytest.fixture(scope="module")
@@ -33,31 +32,6 @@ def test_greedy_completion_is_coherent(llm: Llama) -> None:
 
 def test_dense_model_is_not_sparse(llm: Llama) -> None:
     assert llm.is_sparse is False
-
-
-# Each bad file is loaded in a child process: a crash or a hang fails the
-# test instead of taking pytest down with it.
-LOAD = textwrap.dedent(
-    """
-    import sys
-    from llama_sparse import Llama, ModelFileError
-    try:
-        Llama(model_path=sys.argv[1], verbose=False)
-    except ModelFileError as e:
-        assert isinstance(e, ValueError)
-        print(e)
-        sys.exit(0)
-    sys.exit("loaded without an error")
-    """
-)
-
-
-def load_error(path: Path) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-c", LOAD, str(path)], capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout.strip()
 
 
 def truncated(src: Path, dst: Path, size: int) -> Path:

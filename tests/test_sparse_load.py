@@ -12,9 +12,6 @@ everywhere. A wrong down projection (Q4_1 requantized ffn_down_t: mean 1.4, top-
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +22,8 @@ from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
 from llama_sparse import Llama
 from llama_sparse.convert import structure as st
+
+from conftest import load_error
 
 PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):"]
 N_GEN = 32
@@ -98,30 +97,6 @@ def rewrite(
     w.write_tensors_to_file()
     w.close()
     return dst
-
-
-# Each load that should fail runs in a child process: a crash or a hang fails the
-# test instead of taking pytest down with it.
-LOAD = textwrap.dedent(
-    """
-    import sys
-    from llama_sparse import Llama, ModelFileError
-    try:
-        Llama(model_path=sys.argv[1], verbose=False)
-    except ModelFileError as e:
-        print(e)
-        sys.exit(0)
-    sys.exit("loaded without an error")
-    """
-)
-
-
-def load_error(path: Path) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-c", LOAD, str(path)], capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout.strip()
 
 
 # --- files -----------------------------------------------------------------
