@@ -8,20 +8,31 @@ dense GGUF --calibrate--> per-neuron statistics (convert.calibrate)
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from llama_sparse import quality
+
 from . import structure
 from .allocate import DEFAULT_LEVELS, Tables, allocate
 from .calibrate import CalibrationStats, calibrate
-from .structure import LayerPlan, SparsePlan
+from .structure import QT, LayerPlan, SparsePlan
+from .text import calibration_text
 
 # A neuron is dead when its weight-aware contribution |act(g) u| * ||down||
 # never exceeded this fraction of its layer's mean contribution.
 DEFAULT_DEAD_TOLERANCE = 0.01
+# ffn_down_t requantized along the other axis may cost more than this much
+# perplexity; then the next wider type is stored (docs/FORMAT.md).
+DOWN_T_MAX_PPL_CHANGE = 0.005
+DOWN_T_WIDER = (QT.Q8_0, QT.F16)
+# the check runs on the end of the default calibration text: calibration reads
+# its beginning (16k tokens are ~65k of its ~250k characters)
+DOWN_T_CHECK_CHARS = 12000
 
 
 @dataclass
@@ -33,6 +44,7 @@ class ConvertResult:
     dead: list[int]
     original: list[int]
     tables: Tables
+    down_t_ppl_change: float | None  # measured perplexity cost of ffn_down_t, None: lossless
     input_bytes: int
     output_bytes: int
 
@@ -68,6 +80,40 @@ def make_plan(
     )
 
 
+def write_checked(
+    src: Path, dst: Path, plan: SparsePlan, *, threads: int | None, progress: bool
+) -> float | None:
+    """Write `plan`; when ffn_down_t is requantized, measure what it costs in perplexity
+    against the dense model and widen its type while the cost exceeds 0.5 %."""
+    model = structure.open_dense(src)
+    lossless = all(
+        model.tensor(f"blk.{il}.ffn_down.weight").tensor_type in structure.LOSSLESS
+        for il in range(model.n_layer)
+    )
+    if lossless or plan.down_type is not None:
+        structure.write_sparse(src, dst, plan, progress=progress)
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        check = Path(tmp) / "check.txt"
+        check.write_text(calibration_text()[0][-DOWN_T_CHECK_CHARS:])
+        tried = []
+        for wider in (None, *DOWN_T_WIDER):
+            plan.down_type = wider
+            structure.write_sparse(src, dst, plan, progress=progress)
+            (q,) = quality.compare(src, [dst], check, threads=threads or 2)
+            if q.ppl_change <= DOWN_T_MAX_PPL_CHANGE:
+                break
+            tried.append(f"{wider.name if wider else 'the input type'} cost {q.ppl_change:+.2%}")
+    plan.metadata["sparse.down_t.ppl_change"] = np.float32(q.ppl_change)
+    if tried:
+        plan.metadata["sparse.down_t.reason"] = (
+            f"{plan.down_type.name}: requantized, {', '.join(tried)} perplexity (limit "
+            f"{DOWN_T_MAX_PPL_CHANGE:.1%}); this type {q.ppl_change:+.2%}"
+        )
+    structure.write_sparse(src, dst, plan, progress=progress)  # with the measured cost recorded
+    return q.ppl_change
+
+
 def convert(
     src: Path,
     dst: Path,
@@ -80,6 +126,7 @@ def convert(
     dead_tolerance: float = DEFAULT_DEAD_TOLERANCE,
     prune: bool = True,
     reorder: bool = True,
+    down_type: QT | None = None,
     threads: int | None = None,
     progress: bool = True,
 ) -> ConvertResult:
@@ -91,13 +138,14 @@ def convert(
     t0 = time.perf_counter()
     stats = calibrate(src, text, n_tokens, n_threads=threads, source=source, progress=progress)
     plan = make_plan(stats, dead_tolerance=dead_tolerance, prune=prune, reorder=reorder)
+    plan.down_type = down_type
     tables = allocate(stats, levels, method=allocation, keep=[lp.keep for lp in plan.layers])
     plan.metadata.update(tables.metadata())
     # what each mode reached on calibration text, per level: the runtime refuses
     # a level its mode cannot reach (threshold mode always reads the gate rows)
     plan.metadata["sparse.threshold.achieved"] = tables.threshold.achieved
     plan.metadata["sparse.predict.achieved"] = tables.predict.achieved
-    structure.write_sparse(src, dst, plan, progress=progress)
+    down_t_cost = write_checked(src, dst, plan, threads=threads, progress=progress)
     return ConvertResult(
         output=dst,
         seconds=time.perf_counter() - t0,
@@ -106,6 +154,7 @@ def convert(
         dead=[stats.n_ff[i] - len(lp.keep) for i, lp in enumerate(plan.layers)],
         original=list(stats.n_ff),
         tables=tables,
+        down_t_ppl_change=down_t_cost,
         input_bytes=src.stat().st_size,
         output_bytes=dst.stat().st_size,
     )

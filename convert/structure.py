@@ -304,12 +304,13 @@ def write_sparse(src: Path, dst: Path, plan: SparsePlan, *, progress: bool = Tru
                 else:
                     writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
         layers.close()
-        writer.add_string(
-            "sparse.down_t.reason",
-            "; ".join(
-                f"{r} (layers {', '.join(map(str, sorted(ls)))})" for r, ls in reasons.items()
-            ),
-        )
+        if "sparse.down_t.reason" not in plan.metadata:  # the converter may know better why
+            writer.add_string(
+                "sparse.down_t.reason",
+                "; ".join(
+                    f"{r} (layers {', '.join(map(str, sorted(ls)))})" for r, ls in reasons.items()
+                ),
+            )
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=progress)

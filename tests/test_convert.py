@@ -28,6 +28,7 @@ def converted(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
                "-t", "2")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "calibration: 2048 tokens" in proc.stdout
+    assert "ffn_down_t: perplexity" in proc.stdout
     return out
 
 
@@ -52,6 +53,9 @@ def test_converted_file_has_tables_and_hot_first_order(converted: Path) -> None:
     widths = kv["llama.feed_forward_length"]
     assert [w + d for w, d in zip(widths, dead, strict=True)] == [1536] * n_layer
     assert "levels         0.1, 0.2" in summary(converted)
+    # Q4_1 down rows requantized along n_embd: kept only if that costs <= 0.5 % perplexity
+    assert kv["sparse.down_t.ppl_change"] <= 0.005
+    assert kv["sparse.down_t.reason"].startswith(("Q4_1, requantized", "Q8_0: requantized", "F16"))
 
 
 def test_bad_options_are_refused(smollm2: Path, tmp_path: Path) -> None:
