@@ -184,13 +184,17 @@ def pack_signs(rows: np.ndarray) -> np.ndarray:
 # --- writing ------------------------------------------------------------------
 
 
+def copy_field(writer: GGUFWriter, name: str, f: Any) -> None:
+    """Copy a GGUFReader field, with its exact value type, into a writer."""
+    sub = f.types[1] if f.types[0] == GGUFValueType.ARRAY else None
+    writer.add_key_value(name, f.contents(), f.types[0], sub_type=sub)
+
+
 def _copy_metadata(model: DenseModel, writer: GGUFWriter) -> None:
     skip = {"general.architecture", f"{model.arch}.feed_forward_length"}
     for name, f in model.reader.fields.items():
-        if name.startswith("GGUF.") or name in skip:
-            continue
-        sub = f.types[1] if f.types[0] == GGUFValueType.ARRAY else None
-        writer.add_key_value(name, f.contents(), f.types[0], sub_type=sub)
+        if not name.startswith("GGUF.") and name not in skip:
+            copy_field(writer, name, f)
 
 
 def _check_plan(model: DenseModel, plan: SparsePlan) -> None:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
-from gguf import GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGUFReader, GGUFWriter
 from tqdm import tqdm
 
-from .structure import quantize_rows
+from .structure import copy_field, quantize_rows
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,7 @@ def write_synthetic(
     w.add_vocab_size(vocab)
     for name, f in tok.fields.items():
         if name.startswith("tokenizer."):
-            sub = f.types[1] if f.types[0] == GGUFValueType.ARRAY else None
-            w.add_key_value(name, f.contents(), f.types[0], sub_type=sub)
+            copy_field(w, name, f)
 
     def matrix(rows: int, cols: int, t: QT = qtype) -> tuple[np.ndarray, QT]:
         x = rng.standard_normal((rows, cols), dtype=np.float32) * (1.0 / np.sqrt(cols))

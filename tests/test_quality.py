@@ -6,9 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gguf import GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGUFReader, GGUFWriter
 
 from llama_sparse import quality
+from llama_sparse.convert.structure import copy_field
 
 # Real English text shipped with Debian (base-files).
 TEXT = Path("/usr/share/common-licenses/GPL-3")
@@ -27,8 +28,7 @@ def damaged_copy(src: Path, dst: Path) -> Path:
     w = GGUFWriter(dst, r.fields["general.architecture"].contents())
     for name, f in r.fields.items():
         if not name.startswith("GGUF.") and name != "general.architecture":
-            sub = f.types[1] if f.types[0] == GGUFValueType.ARRAY else None
-            w.add_key_value(name, f.contents(), f.types[0], sub_type=sub)
+            copy_field(w, name, f)
     for t in r.tensors:
         data = np.zeros_like(t.data) if t.name == "blk.3.ffn_down.weight" else t.data
         w.add_tensor(t.name, data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)

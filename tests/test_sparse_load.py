@@ -22,6 +22,7 @@ from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
 from llama_sparse import Llama
 from llama_sparse.convert import structure as st
+from llama_sparse.convert.structure import copy_field
 
 from conftest import load_error
 
@@ -82,8 +83,7 @@ def rewrite(
             value, vtype, sub = fields[name]
             w.add_key_value(name, value, vtype, sub_type=sub)
             continue
-        sub = f.types[1] if f.types[0] == GGUFValueType.ARRAY else None
-        w.add_key_value(name, f.contents(), f.types[0], sub_type=sub)
+        copy_field(w, name, f)
     for t in r.tensors:
         data, qtype = t.data, t.tensor_type
         if tensors is not None:
@@ -325,8 +325,7 @@ def test_missing_and_dense_tensors_are_refused(
     w = GGUFWriter(extra, "llama")
     for name, f in r.fields.items():
         if not name.startswith("GGUF.") and name != "general.architecture":
-            sub = f.types[1] if f.types[0] == GGUFValueType.ARRAY else None
-            w.add_key_value(name, f.contents(), f.types[0], sub_type=sub)
+            copy_field(w, name, f)
     for t in [*r.tensors, down]:
         w.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
     w.write_header_to_file()
