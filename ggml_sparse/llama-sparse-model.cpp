@@ -1,9 +1,12 @@
 #include "llama-sparse-model.h"
 
+#include "ggml-sparse.h"
+
 #include "llama-impl.h"
 #include "llama-model.h"
 #include "llama-model-loader.h"
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -12,7 +15,72 @@ bool llama_sparse_is_sparse(const llama_model & model) {
     return model.gguf_kv.find("sparse.format_version") != model.gguf_kv.end();
 }
 
-void llama_sparse_check_model(const llama_model & model) {
+// an F32 array key of n values (n == 0: any length); throws naming the key
+static std::vector<float> llama_sparse_read_f32(const gguf_context * meta, const std::string & key, size_t n, const std::string & why) {
+    const int64_t id = gguf_find_key(meta, key.c_str());
+    if (id < 0) {
+        throw std::runtime_error(format("sparse GGUF: key '%s' is missing", key.c_str()));
+    }
+    if (gguf_get_kv_type(meta, id) != GGUF_TYPE_ARRAY || gguf_get_arr_type(meta, id) != GGUF_TYPE_FLOAT32) {
+        throw std::runtime_error(format("sparse GGUF: key '%s' is not an array of f32", key.c_str()));
+    }
+    const size_t len = gguf_get_arr_n(meta, id);
+    if (n != 0 && len != n) {
+        throw std::runtime_error(format("sparse GGUF: key '%s' has %zu values, expected %zu (%s)", key.c_str(), len, n, why.c_str()));
+    }
+    const float * data = (const float *) gguf_get_arr_data(meta, id);
+    return std::vector<float>(data, data + len);
+}
+
+static std::shared_ptr<llama_sparse_model> llama_sparse_read_tables(const gguf_context * meta, uint32_t n_layer) {
+    auto m = std::make_shared<llama_sparse_model>();
+    m->n_layer = (int) n_layer;
+
+    const int64_t act = gguf_find_key(meta, "sparse.activation");
+    if (act < 0 || gguf_get_kv_type(meta, act) != GGUF_TYPE_STRING) {
+        throw std::runtime_error("sparse GGUF: key 'sparse.activation' is missing or not a string");
+    }
+    m->activation = gguf_get_val_str(meta, act);
+    if (m->activation != "silu" && m->activation != "gelu" && m->activation != "relu" && m->activation != "relu2") {
+        throw std::runtime_error(format("sparse GGUF: sparse.activation '%s' is not one of silu, gelu, relu, relu2", m->activation.c_str()));
+    }
+
+    m->row_bytes.assign(n_layer, {0.0, 0.0, 0.0});
+    m->n_ff.assign(n_layer, 0);
+
+    // a file without a table (written without calibration) runs at level 0 only
+    if (gguf_find_key(meta, "sparse.levels") < 0) {
+        m->predictor_alpha.assign(n_layer, 0.0f);
+        return m;
+    }
+
+    m->levels = llama_sparse_read_f32(meta, "sparse.levels", 0, "");
+    for (size_t l = 0; l < m->levels.size(); ++l) {
+        if (!(m->levels[l] > 0.0f && m->levels[l] < 1.0f) || (l > 0 && !(m->levels[l] > m->levels[l - 1]))) {
+            throw std::runtime_error("sparse GGUF: sparse.levels must increase within (0, 1)");
+        }
+    }
+
+    const size_t L = m->levels.size();
+    const std::string why_layer = format("block_count = %u", n_layer);
+    const std::string why_table = format("%zu levels * block_count %u", L, n_layer);
+    const std::string why_level = format("%zu levels", L);
+    m->predictor_alpha = llama_sparse_read_f32(meta, "sparse.predictor.alpha", n_layer, why_layer);
+    for (auto * t : { &m->threshold, &m->predict }) {
+        const std::string mode = t == &m->threshold ? "threshold" : "predict";
+        if (t == &m->predict) {
+            t->alpha = llama_sparse_read_f32(meta, "sparse.predict.alpha", L*n_layer, why_table);
+        } else {
+            t->alpha.assign(L*n_layer, 0.0f);
+        }
+        t->gate     = llama_sparse_read_f32(meta, "sparse." + mode + ".gate",     L*n_layer, why_table);
+        t->up       = llama_sparse_read_f32(meta, "sparse." + mode + ".up",       L*n_layer, why_table);
+        t->achieved = llama_sparse_read_f32(meta, "sparse." + mode + ".achieved", L,         why_level);
+    }
+    return m;
+}
+
+void llama_sparse_check_model(llama_model_base & model) {
     const auto it = model.gguf_kv.find("sparse.format_version");
     if (it == model.gguf_kv.end()) {
         return;
@@ -38,6 +106,9 @@ void llama_sparse_check_model(const llama_model & model) {
     if (model.hparams.n_expert > 0) {
         throw std::runtime_error("sparse GGUF with mixture-of-experts layers is not supported");
     }
+
+    GGML_ASSERT(model.ml != nullptr);
+    model.sparse = llama_sparse_read_tables(model.ml->metadata, model.hparams.n_layer_all);
 }
 
 // "[576, 1536]": the dimensions the tensor has, without the trailing 1s
@@ -49,7 +120,7 @@ static std::string llama_sparse_shape_str(const int64_t * ne, int n_dims) {
     return s + "]";
 }
 
-// types the dense product of llama_sparse_build_ffn accepts for ffn_down_t
+// weight types ffn_down_t may have (what ggml_sparse_down reads; Q8_1 and Q8_K are only activation types)
 static bool llama_sparse_down_t_type_ok(ggml_type type) {
     return type == GGML_TYPE_F32 || type == GGML_TYPE_F16 || type == GGML_TYPE_BF16 ||
         (ggml_is_quantized(type) && type != GGML_TYPE_Q8_1 && type != GGML_TYPE_Q8_K);
@@ -123,8 +194,9 @@ void llama_sparse_create_ffn(llama_model_base & model, llama_layer & layer, int 
 
     const int TENSOR_NOT_REQUIRED = llama_model_loader::TENSOR_NOT_REQUIRED;
 
-    layer.ffn_gate         = model.create_tensor(tn(LLM_TENSOR_FFN_GATE,         "weight", il), {n_embd, n_ff}, 0);
-    layer.ffn_up           = model.create_tensor(tn(LLM_TENSOR_FFN_UP,           "weight", il), {n_embd, n_ff}, 0);
+    // the *_SPARSE tensor ids: same names, but used by the sparse ops, so never placed in repacked buffers
+    layer.ffn_gate         = model.create_tensor(tn(LLM_TENSOR_FFN_GATE_SPARSE,  "weight", il), {n_embd, n_ff}, 0);
+    layer.ffn_up           = model.create_tensor(tn(LLM_TENSOR_FFN_UP_SPARSE,    "weight", il), {n_embd, n_ff}, 0);
     layer.ffn_down_t       = model.create_tensor(tn(LLM_TENSOR_FFN_DOWN_T,       "weight", il), {n_embd, n_ff}, 0);
     layer.ffn_gate_sign    = model.create_tensor(tn(LLM_TENSOR_FFN_GATE_SIGN,    il), {n_sign, n_ff}, 0);
     layer.ffn_neuron_index = model.create_tensor(tn(LLM_TENSOR_FFN_NEURON_INDEX, il), {n_ff}, 0);
@@ -135,6 +207,101 @@ void llama_sparse_create_ffn(llama_model_base & model, llama_layer & layer, int 
     layer.ffn_gate_b = model.create_tensor(tn(LLM_TENSOR_FFN_GATE, "bias", il), {n_ff},   TENSOR_NOT_REQUIRED);
     layer.ffn_up_b   = model.create_tensor(tn(LLM_TENSOR_FFN_UP,   "bias", il), {n_ff},   TENSOR_NOT_REQUIRED);
     layer.ffn_down_b = model.create_tensor(tn(LLM_TENSOR_FFN_DOWN, "bias", il), {n_embd}, TENSOR_NOT_REQUIRED);
+
+    model.sparse->n_ff[il] = n_ff;
+    model.sparse->row_bytes[il] = {
+        (double) ggml_row_size(layer.ffn_gate->type,   n_embd),
+        (double) ggml_row_size(layer.ffn_up->type,     n_embd),
+        (double) ggml_row_size(layer.ffn_down_t->type, n_embd),
+    };
+}
+
+ggml_tensor * llama_sparse_weight_op(ggml_context * ctx, ggml_tensor * w, ggml_op op) {
+    ggml_tensor * params = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, GGML_SPARSE_N_PARAMS);
+    switch (op) {
+        case GGML_OP_SPARSE_PREDICT:
+            return ggml_sparse_predict(ctx, w, ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 32*w->ne[0], 1), params);
+        case GGML_OP_SPARSE_MUL_MAT:
+            return ggml_sparse_mul_mat(ctx, w, ggml_new_tensor_2d(ctx, GGML_TYPE_F32, w->ne[0], 1), nullptr);
+        case GGML_OP_SPARSE_DOWN:
+            return ggml_sparse_down(ctx, w, ggml_new_tensor_2d(ctx, GGML_TYPE_F32, w->ne[1], 1));
+        default:
+            GGML_ABORT("%s: %s is not a sparse op with a weight", __func__, ggml_op_name(op));
+    }
+}
+
+// the graph's sparse input: per-layer thresholds, and the statistics counters
+class llm_graph_input_sparse : public llm_graph_input_i {
+public:
+    explicit llm_graph_input_sparse(std::shared_ptr<llama_sparse_context> sctx) :
+        sctx(std::move(sctx)), structure(this->sctx->structure) {}
+
+    void set_input(const llama_ubatch * ubatch) override {
+        GGML_UNUSED(ubatch);
+        if (params) {
+            ggml_backend_tensor_set(params, sctx->layer_params.data(), 0, ggml_nbytes(params));
+        }
+    }
+
+    // a new level only changes the params values; a new mode or statistics need a new graph
+    bool can_reuse(const llm_graph_params & gparams) override {
+        return gparams.cparams.sparse == sctx && sctx->structure == structure;
+    }
+
+    const std::shared_ptr<llama_sparse_context> sctx;
+    const uint64_t structure;
+
+    ggml_tensor * params = nullptr; // F32 [GGML_SPARSE_N_PARAMS, n_layer] (sparse modes)
+
+    // statistics, per layer: rows of gate, up and down read (null: every row), and tokens
+    struct layer_counts {
+        int il;
+        ggml_tensor * rows[3];
+        int64_t n_tokens;
+    };
+    std::vector<layer_counts> counts;
+};
+
+static llm_graph_input_sparse * llama_sparse_graph_input(const llm_graph_context & gctx) {
+    for (const auto & inp : gctx.res->inputs) {
+        if (auto * s = dynamic_cast<llm_graph_input_sparse *>(inp.get())) {
+            return s;
+        }
+    }
+    GGML_ASSERT(gctx.cparams.sparse != nullptr);
+    auto inp = std::make_unique<llm_graph_input_sparse>(gctx.cparams.sparse);
+    if (gctx.cparams.sparse->params.mode != LLAMA_SPARSE_MODE_OFF) {
+        inp->params = ggml_new_tensor_2d(gctx.ctx0, GGML_TYPE_F32, GGML_SPARSE_N_PARAMS, gctx.hparams.n_layer_all);
+        ggml_set_name(inp->params, "sparse_params");
+        ggml_set_input(inp->params);
+    }
+    return (llm_graph_input_sparse *) gctx.res->add_input(std::move(inp));
+}
+
+// the FFN activation: the architecture's, unless the file declares a ReLU-family one
+static llm_ffn_op_type llama_sparse_activation(const llama_sparse_model & m, llm_ffn_op_type type_op) {
+    if (m.activation == "relu") {
+        return LLM_FFN_RELU;
+    }
+    if (m.activation == "relu2") {
+        return LLM_FFN_RELU_SQR;
+    }
+    return type_op;
+}
+
+static ggml_tensor * llama_sparse_act(ggml_context * ctx, ggml_tensor * g, llm_ffn_op_type type_op) {
+    switch (type_op) {
+        case LLM_FFN_SILU:     return ggml_silu(ctx, g);
+        case LLM_FFN_GELU:     return ggml_gelu(ctx, g);
+        case LLM_FFN_RELU:     return ggml_relu(ctx, g);
+        case LLM_FFN_RELU_SQR: return ggml_sqr(ctx, ggml_relu(ctx, g));
+        default: GGML_ABORT("llama-sparse: FFN activation %d is not supported", (int) type_op);
+    }
+}
+
+// rows of a [n_ff, n_tokens] mask or masked value tensor that are read: its nonzeros
+static ggml_tensor * llama_sparse_count_nonzero(ggml_context * ctx, ggml_tensor * t, bool is_01) {
+    return ggml_sum(ctx, is_01 ? t : ggml_step(ctx, ggml_abs(ctx, t)));
 }
 
 ggml_tensor * llama_sparse_build_ffn(
@@ -145,31 +312,84 @@ ggml_tensor * llama_sparse_build_ffn(
           llm_ffn_gate_type   type_gate,
                         int   il) {
     ggml_context * ctx0 = gctx.ctx0;
+    const auto & sctx = gctx.cparams.sparse;
 
-    GGML_ASSERT(layer.ffn_down_t != nullptr);
+    GGML_ASSERT(layer.ffn_down_t != nullptr && sctx != nullptr && sctx->model != nullptr);
+    GGML_ASSERT(type_gate == LLM_FFN_PAR);
 
-    // h = act(gate.x) * (up.x), exactly as upstream computes it: build_ffn without a down projection
-    ggml_tensor * h = gctx.build_ffn(cur,
-            layer.ffn_up,   layer.ffn_up_b,   layer.ffn_up_s,
-            layer.ffn_gate, layer.ffn_gate_b, layer.ffn_gate_s,
-            NULL,           NULL,             NULL,
-            NULL,
-            type_op, type_gate, il);
+    type_op = llama_sparse_activation(*sctx->model, type_op);
 
-    // out[e] = sum_i h[i] * down_t[i][e]: ggml_out_prod(down_t, h^T). The CPU out_prod handles F32, F16 and
-    // every quantized type (dequantizing one down_t row at a time into its work buffer), and a transposed h.
-    // BF16 is cast to F32 first (once per graph evaluation: one extra pass over the whole matrix).
-    //
-    // Speed cost (mode off only; the sparse kernels replace this): out_prod splits its work over the output
-    // columns, i.e. over tokens, so a single-token decode runs the down projection on one thread; and each
-    // token dequantizes every row again, so a prompt batch costs n_tokens dequantizations of the matrix
-    // instead of one quantized mat-mul.
-    ggml_tensor * down_t = layer.ffn_down_t;
-    if (down_t->type == GGML_TYPE_BF16) {
-        down_t = ggml_cast(ctx0, down_t, GGML_TYPE_F32);
+    llm_graph_input_sparse * inp = llama_sparse_graph_input(gctx);
+
+    ggml_tensor * h;
+    if (sctx->params.mode == LLAMA_SPARSE_MODE_OFF) {
+        // h = act(gate.x) * (up.x), exactly as upstream computes it: build_ffn without a down projection
+        h = gctx.build_ffn(cur,
+                layer.ffn_up,   layer.ffn_up_b,   layer.ffn_up_s,
+                layer.ffn_gate, layer.ffn_gate_b, layer.ffn_gate_s,
+                NULL,           NULL,             NULL,
+                NULL,
+                type_op, type_gate, il);
+    } else {
+        // docs/ARCHITECTURE.md, "Runtime": the three mask points. A small batch skips rows in the
+        // products; a large one computes gate and up densely and applies the same masks, so every
+        // token gets the same result either way.
+        const bool skip    = cur->ne[1] <= LLAMA_SPARSE_MAX_SKIP_TOKENS;
+        const bool predict = sctx->params.mode == LLAMA_SPARSE_MODE_PREDICT;
+
+        ggml_tensor * p = ggml_view_1d(ctx0, inp->params, GGML_SPARSE_N_PARAMS, il*GGML_SPARSE_N_PARAMS*sizeof(float));
+
+        // point 1: the sign-bit predictor
+        ggml_tensor * m = predict ? ggml_sparse_predict(ctx0, layer.ffn_gate_sign, cur, p) : nullptr;
+        if (m) {
+            gctx.cb(m, "ffn_sparse_predict", il);
+        }
+
+        ggml_tensor * g = skip ? ggml_sparse_mul_mat(ctx0, layer.ffn_gate, cur, m) : ggml_mul_mat(ctx0, layer.ffn_gate, cur);
+        gctx.cb(g, "ffn_gate", il);
+        if (layer.ffn_gate_b) {
+            g = ggml_add(ctx0, g, layer.ffn_gate_b);
+            gctx.cb(g, "ffn_gate_b", il);
+        }
+        if (m && (!skip || layer.ffn_gate_b)) {
+            g = ggml_mul(ctx0, g, m); // skipped neurons' gate is 0, as the skipping product leaves it
+        }
+
+        // point 2: |act(g)| * up_absmean * down_norm
+        ggml_tensor * a = llama_sparse_act(ctx0, g, type_op);
+        ggml_tensor * scale = ggml_mul(ctx0, layer.ffn_up_absmean, layer.ffn_down_norm);
+        a = ggml_sparse_mask(ctx0, a, scale, p, GGML_SPARSE_POINT_GATE);
+        gctx.cb(a, "ffn_sparse_act", il);
+
+        ggml_tensor * u = skip ? ggml_sparse_mul_mat(ctx0, layer.ffn_up, cur, a) : ggml_mul_mat(ctx0, layer.ffn_up, cur);
+        gctx.cb(u, "ffn_up", il);
+        if (layer.ffn_up_b) {
+            u = ggml_add(ctx0, u, layer.ffn_up_b);
+            gctx.cb(u, "ffn_up_b", il);
+        }
+
+        // point 3: |act(g) * u| * down_norm
+        h = ggml_sparse_mask(ctx0, ggml_mul(ctx0, a, u), layer.ffn_down_norm, p, GGML_SPARSE_POINT_UP);
+        gctx.cb(h, "ffn_sparse_h", il);
+
+        if (sctx->stats) {
+            llm_graph_input_sparse::layer_counts c = { il, {
+                m ? llama_sparse_count_nonzero(ctx0, m, true) : nullptr,
+                llama_sparse_count_nonzero(ctx0, a, false),
+                llama_sparse_count_nonzero(ctx0, h, false),
+            }, cur->ne[1] };
+            for (ggml_tensor * t : c.rows) {
+                if (t) {
+                    ggml_set_output(t);
+                    ggml_build_forward_expand(gctx.gf, t);
+                }
+            }
+            inp->counts.push_back(c);
+        }
     }
 
-    cur = ggml_out_prod(ctx0, down_t, ggml_transpose(ctx0, h));
+    // out[e] = sum_i h[i] * down_t[i][e], reading only the rows where h[i] != 0
+    cur = ggml_sparse_down(ctx0, layer.ffn_down_t, h);
     gctx.cb(cur, "ffn_down_t", il);
 
     if (layer.ffn_down_b) {
@@ -178,4 +398,34 @@ ggml_tensor * llama_sparse_build_ffn(
     }
 
     return cur;
+}
+
+void llama_sparse_graph_done(llm_graph_result * res, ggml_backend_sched_t sched) {
+    for (const auto & in : res->inputs) {
+        auto * inp = dynamic_cast<llm_graph_input_sparse *>(in.get());
+        if (inp == nullptr || inp->counts.empty()) {
+            continue;
+        }
+        ggml_backend_sched_synchronize(sched);
+
+        llama_sparse_context & sctx = *inp->sctx;
+        const llama_sparse_model & m = *sctx.model;
+        sctx.bytes_read.resize(m.n_layer, 0.0);
+        sctx.bytes_total.resize(m.n_layer, 0.0);
+        for (const auto & c : inp->counts) {
+            const double dense = (double) m.n_ff[c.il] * c.n_tokens;
+            double bytes = 0.0;
+            for (int k = 0; k < 3; ++k) {
+                float rows = (float) dense;
+                if (c.rows[k]) {
+                    ggml_backend_tensor_get(c.rows[k], &rows, 0, sizeof(rows));
+                }
+                bytes += rows * m.row_bytes[c.il][k];
+            }
+            sctx.bytes_read[c.il]  += bytes;
+            sctx.bytes_total[c.il] += dense * (m.row_bytes[c.il][0] + m.row_bytes[c.il][1] + m.row_bytes[c.il][2]);
+        }
+        // the last layer may compute only the output tokens: count the batch once, by its first layer
+        sctx.n_tokens += inp->counts.front().n_tokens;
+    }
 }

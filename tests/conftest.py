@@ -21,6 +21,28 @@ def smollm2() -> Path:
 
 
 @pytest.fixture(scope="session")
+def sparse_smollm2(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2 converted by `llama-sparse convert` on a short calibration."""
+    import sysconfig
+
+    out = tmp_path_factory.mktemp("conv") / "smollm2.sparse.gguf"
+    exe = Path(sysconfig.get_path("scripts")) / "llama-sparse"
+    # SmolLM2 has no dead neurons (every neuron's peak contribution is > 1.7x its layer's mean):
+    # a tolerance that high gives pruning something to prune
+    args = ["--tokens", "2048", "--dead-tolerance", "2.5", "-t", "2"]
+    proc = subprocess.run(
+        [str(exe), "convert", str(smollm2), str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "calibration: 2048 tokens" in proc.stdout
+    assert "ffn_down_t: perplexity" in proc.stdout
+    return out
+
+
+@pytest.fixture(scope="session")
 def reference_bin() -> Path:
     """Directory of the unpatched upstream build's libllama.so and tools."""
     out = subprocess.run(

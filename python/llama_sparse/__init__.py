@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 from ._paths import bin_dir, lib_dir
 
 if TYPE_CHECKING:
-    from .llama import Llama, ModelFileError
+    from .llama import Llama, ModelFileError, SparsityError
 
 __version__ = version("llama-sparse")
-__all__ = ["Llama", "ModelFileError", "bin_dir", "lib_dir", "__version__"]
+__all__ = ["Llama", "ModelFileError", "SparsityError", "bin_dir", "lib_dir", "__version__"]
 
 # Cheap and eager, so that a later `import llama_cpp` loads our library even
 # before Llama is touched; the checks happen when llama_cpp is actually loaded.
@@ -29,7 +29,7 @@ if (lib_dir() / "libllama.so").exists():
 def __getattr__(name: str) -> object:
     # Llama is imported on first use: the command line's launchers and model
     # downloads do not need llama-cpp-python.
-    if name in ("Llama", "ModelFileError"):
+    if name in ("Llama", "ModelFileError", "SparsityError"):
         from . import llama
 
         return getattr(llama, name)

@@ -79,3 +79,130 @@ def llama_sparse_version() -> bytes: ...
 # LLAMA_API bool llama_sparse_model_is_sparse(const struct llama_model * model);
 @ctypes_function("llama_sparse_model_is_sparse", [llama_cpp.llama_model_p_ctypes], ctypes.c_bool)
 def llama_sparse_model_is_sparse(model: llama_cpp.llama_model_p, /) -> bool: ...
+
+
+# enum llama_sparse_mode
+LLAMA_SPARSE_MODE_OFF = 0
+LLAMA_SPARSE_MODE_THRESHOLD = 1
+LLAMA_SPARSE_MODE_PREDICT = 2
+LLAMA_SPARSE_MODE_AUTO = 3
+
+
+class llama_sparse_params(ctypes.Structure):
+    """struct llama_sparse_params"""
+
+    _fields_ = [
+        ("mode", ctypes.c_int),
+        ("level", ctypes.c_float),
+        ("alpha", ctypes.c_float),
+    ]
+
+
+# LLAMA_API const char * llama_sparse_mode_name(enum llama_sparse_mode mode);
+@ctypes_function("llama_sparse_mode_name", [ctypes.c_int], ctypes.c_char_p)
+def llama_sparse_mode_name(mode: int, /) -> bytes | None: ...
+
+
+# LLAMA_API int32_t llama_sparse_mode_from_name(const char * name);
+@ctypes_function("llama_sparse_mode_from_name", [ctypes.c_char_p], ctypes.c_int32)
+def llama_sparse_mode_from_name(name: bytes, /) -> int: ...
+
+
+# LLAMA_API struct llama_sparse_params llama_sparse_default_params(void);
+@ctypes_function("llama_sparse_default_params", [], llama_sparse_params)
+def llama_sparse_default_params() -> llama_sparse_params: ...
+
+
+# LLAMA_API void llama_sparse_set_defaults(struct llama_sparse_params params);
+@ctypes_function("llama_sparse_set_defaults", [llama_sparse_params], None)
+def llama_sparse_set_defaults(params: llama_sparse_params, /) -> None: ...
+
+
+# LLAMA_API int32_t llama_sparse_n_levels(const struct llama_model * model);
+@ctypes_function("llama_sparse_n_levels", [llama_cpp.llama_model_p_ctypes], ctypes.c_int32)
+def llama_sparse_n_levels(model: llama_cpp.llama_model_p, /) -> int: ...
+
+
+# LLAMA_API float llama_sparse_level(const struct llama_model * model, int32_t i);
+@ctypes_function(
+    "llama_sparse_level", [llama_cpp.llama_model_p_ctypes, ctypes.c_int32], ctypes.c_float
+)
+def llama_sparse_level(model: llama_cpp.llama_model_p, i: int, /) -> float: ...
+
+
+# LLAMA_API float llama_sparse_level_achieved(
+#     const struct llama_model * model, enum llama_sparse_mode mode, int32_t i);
+@ctypes_function(
+    "llama_sparse_level_achieved",
+    [llama_cpp.llama_model_p_ctypes, ctypes.c_int, ctypes.c_int32],
+    ctypes.c_float,
+)
+def llama_sparse_level_achieved(model: llama_cpp.llama_model_p, mode: int, i: int, /) -> float: ...
+
+
+# LLAMA_API int32_t llama_sparse_check(
+#     const struct llama_model * model, struct llama_sparse_params params,
+#     char * err, size_t err_size);
+@ctypes_function(
+    "llama_sparse_check",
+    [llama_cpp.llama_model_p_ctypes, llama_sparse_params, ctypes.c_char_p, ctypes.c_size_t],
+    ctypes.c_int32,
+)
+def llama_sparse_check(
+    model: llama_cpp.llama_model_p,
+    params: llama_sparse_params,
+    err: ctypes.Array[ctypes.c_char],
+    err_size: int,
+    /,
+) -> int: ...
+
+
+# LLAMA_API int32_t llama_sparse_set(
+#     struct llama_context * ctx, struct llama_sparse_params params, char * err, size_t err_size);
+@ctypes_function(
+    "llama_sparse_set",
+    [llama_cpp.llama_context_p_ctypes, llama_sparse_params, ctypes.c_char_p, ctypes.c_size_t],
+    ctypes.c_int32,
+)
+def llama_sparse_set(
+    ctx: llama_cpp.llama_context_p,
+    params: llama_sparse_params,
+    err: ctypes.Array[ctypes.c_char],
+    err_size: int,
+    /,
+) -> int: ...
+
+
+# LLAMA_API struct llama_sparse_params llama_sparse_get(const struct llama_context * ctx);
+@ctypes_function("llama_sparse_get", [llama_cpp.llama_context_p_ctypes], llama_sparse_params)
+def llama_sparse_get(ctx: llama_cpp.llama_context_p, /) -> llama_sparse_params: ...
+
+
+# LLAMA_API void llama_sparse_set_stats(struct llama_context * ctx, bool enable);
+@ctypes_function("llama_sparse_set_stats", [llama_cpp.llama_context_p_ctypes, ctypes.c_bool], None)
+def llama_sparse_set_stats(ctx: llama_cpp.llama_context_p, enable: bool, /) -> None: ...
+
+
+# LLAMA_API void llama_sparse_stats_reset(struct llama_context * ctx);
+@ctypes_function("llama_sparse_stats_reset", [llama_cpp.llama_context_p_ctypes], None)
+def llama_sparse_stats_reset(ctx: llama_cpp.llama_context_p, /) -> None: ...
+
+
+# LLAMA_API float llama_sparse_stats(
+#     const struct llama_context * ctx, float * layer_sparsity, int32_t n_layer);
+@ctypes_function(
+    "llama_sparse_stats",
+    [llama_cpp.llama_context_p_ctypes, ctypes.POINTER(ctypes.c_float), ctypes.c_int32],
+    ctypes.c_float,
+)
+def llama_sparse_stats(
+    ctx: llama_cpp.llama_context_p,
+    layer_sparsity: ctypes.Array[ctypes.c_float] | None,
+    n_layer: int,
+    /,
+) -> float: ...
+
+
+# LLAMA_API double llama_sparse_stats_tokens(const struct llama_context * ctx);
+@ctypes_function("llama_sparse_stats_tokens", [llama_cpp.llama_context_p_ctypes], ctypes.c_double)
+def llama_sparse_stats_tokens(ctx: llama_cpp.llama_context_p, /) -> float: ...

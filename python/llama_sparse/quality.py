@@ -60,12 +60,18 @@ def perplexity(model: Path, text: Path, *, ctx: int = 512, threads: int = 2,
 def compare(base: Path, candidates: list[Path], text: Path, *, ctx: int = 512, threads: int = 2,
             extra: tuple[str, ...] = ()) -> list[Quality]:  # fmt: skip
     """Quality of each candidate against the base model on `text`."""
+    return compare_runs(base, [(c, extra) for c in candidates], text, ctx=ctx, threads=threads)
+
+
+def compare_runs(base: Path, runs: list[tuple[Path, tuple[str, ...]]], text: Path, *,
+                 ctx: int = 512, threads: int = 2) -> list[Quality]:  # fmt: skip
+    """Quality of each (model, extra llama-perplexity flags) run against `base` on `text`."""
     with tempfile.TemporaryDirectory() as tmp:
         kld_base = Path(tmp) / "base.kld"
         common = ["-c", str(ctx), "-t", str(threads)]
         _run(["-m", str(base), "-f", str(text), "--kl-divergence-base", str(kld_base), *common])
         results = []
-        for model in candidates:
+        for model, extra in runs:
             out = _run(["-m", str(model), "--kl-divergence-base", str(kld_base),
                         "--kl-divergence", *common, *extra])  # fmt: skip
             results.append(

@@ -1,0 +1,589 @@
+// llama-sparse: CPU kernels of the sparse FFN ops (include/ggml-sparse.h).
+//
+// Each op has a fast kernel and a reference (params->use_ref, what
+// test-backend-ops compares against): the reference computes the dense result
+// in double precision and applies the mask afterwards, so it shares no
+// skipping or tiling logic with the fast kernel.
+//
+// Threading: every output element is computed by exactly one thread, with the
+// same summation order whatever the thread count, so results do not depend on
+// it and no reduction across threads is needed.
+//
+//   predict   rows of sign split in contiguous ranges; each thread packs the
+//             signs of x itself (cheap) into its own slice of wdata
+//   mul_mat   x converted once to the weight's vec_dot type (rows of x split
+//             over threads, then a barrier); neuron rows dealt out in chunks
+//             of SPARSE_ROW_CHUNK round-robin: neurons are stored hot-first,
+//             so the active rows cluster at the start and a contiguous split
+//             would leave one thread with most of the work. A thread gathers
+//             its active rows and prefetches SPARSE_PREFETCH rows ahead.
+//   mask      elementwise, each token's row split in contiguous ranges
+//   down      the output columns split in block-aligned slices. One token
+//             (AVX-512; Q4_0, Q4_1, Q8_0, F16, BF16, F32): 256 output columns
+//             stay in 16 registers while the active rows stream through.
+//             Otherwise a thread dequantizes its slice of each active row of
+//             down_t once and adds it to every token that uses the neuron.
+
+#define GGML_COMMON_DECL_CPP
+#include "ggml-common.h"
+
+#include "ggml-sparse-cpu.h"
+#include "ggml-sparse.h"
+
+#include "ggml-cpu.h"
+#include "ggml-impl.h"
+#include "simd-mappings.h"
+#include "vec.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+static constexpr int64_t SPARSE_ROW_CHUNK = 16;
+static constexpr size_t  SPARSE_ALIGN     = 64;
+static constexpr int     SPARSE_PREFETCH  = 16; // rows ahead: the active rows are not contiguous
+
+// prefetch n bytes from p into the cache (the hardware prefetcher does not follow skipped rows)
+static void sparse_prefetch(const void * p, size_t n) {
+    for (size_t off = 0; off < n; off += 64) {
+        __builtin_prefetch((const char *) p + off);
+    }
+}
+
+static size_t sparse_pad(size_t n) {
+    return (n + SPARSE_ALIGN - 1) / SPARSE_ALIGN * SPARSE_ALIGN;
+}
+
+// row of any weight type as floats (F32 has no to_float)
+static void sparse_row_to_float(ggml_type type, const void * row, float * out, int64_t n) {
+    if (type == GGML_TYPE_F32) {
+        memcpy(out, row, n*sizeof(float));
+    } else {
+        ggml_get_type_traits(type)->to_float(row, out, n);
+    }
+}
+
+// [i0, i1) of n for thread ith of nth
+static void sparse_split(int64_t n, int ith, int nth, int64_t & i0, int64_t & i1) {
+    i0 = n * ith / nth;
+    i1 = n * (ith + 1) / nth;
+}
+
+static float sparse_param(const ggml_tensor * params, int i) {
+    return ((const float *) params->data)[i];
+}
+
+//
+// GGML_OP_SPARSE_PREDICT
+//
+
+// bit j of word w of out is 1 iff x[32 w + j] < 0; padding bits 0
+static void sparse_pack_signs(const float * x, int64_t n, uint32_t * out) {
+    const int64_t n_w = (n + 31) / 32;
+    for (int64_t w = 0; w < n_w; ++w) {
+        uint32_t bits = 0;
+        const int64_t j1 = std::min<int64_t>(32, n - 32*w);
+        for (int64_t j = 0; j < j1; ++j) {
+            bits |= (uint32_t) (x[32*w + j] < 0.0f) << j;
+        }
+        out[w] = bits;
+    }
+}
+
+// popcount(a XOR b) over n_w 32-bit words
+static int64_t sparse_xor_popcount(const uint32_t * a, const uint32_t * b, int64_t n_w) {
+    int64_t n = 0;
+    int64_t w = 0;
+#if defined(__AVX512VPOPCNTDQ__) && defined(__AVX512F__)
+    __m512i acc = _mm512_setzero_si512();
+    for (; w + 16 <= n_w; w += 16) {
+        const __m512i va = _mm512_loadu_si512((const void *) (a + w));
+        const __m512i vb = _mm512_loadu_si512((const void *) (b + w));
+        acc = _mm512_add_epi64(acc, _mm512_popcnt_epi64(_mm512_xor_si512(va, vb)));
+    }
+    uint64_t lanes[8];
+    _mm512_storeu_si512((void *) lanes, acc);
+    for (uint64_t l : lanes) {
+        n += (int64_t) l;
+    }
+#endif
+    for (; w + 2 <= n_w; w += 2) {
+        uint64_t va, vb;
+        memcpy(&va, a + w, sizeof(va));
+        memcpy(&vb, b + w, sizeof(vb));
+        n += __builtin_popcountll(va ^ vb);
+    }
+    for (; w < n_w; ++w) {
+        n += __builtin_popcount(a[w] ^ b[w]);
+    }
+    return n;
+}
+
+// the predictor's rule (docs/FORMAT.md, mask point 1)
+static float sparse_predict_keep(float alpha, int64_t n_embd, int64_t n_neg) {
+    return alpha > 0.0f && alpha * (float) (n_embd - n_neg) < (float) n_neg ? 0.0f : 1.0f;
+}
+
+static void sparse_predict(const ggml_compute_params * params, ggml_tensor * dst) {
+    const ggml_tensor * sign = dst->src[0];
+    const ggml_tensor * x    = dst->src[1];
+
+    const int64_t n_embd = x->ne[0];
+    const int64_t n_tok  = x->ne[1];
+    const int64_t n_w    = sign->ne[0];
+    const int64_t n_ff   = sign->ne[1];
+    const float   alpha  = sparse_param(dst->src[2], 0);
+
+    int64_t i0, i1;
+    sparse_split(n_ff, params->ith, params->nth, i0, i1);
+
+    if (params->use_ref) {
+        // bit by bit, straight from the definition
+        for (int64_t t = 0; t < n_tok; ++t) {
+            const float * xt = (const float *) ((const char *) x->data + t*x->nb[1]);
+            for (int64_t i = i0; i < i1; ++i) {
+                const uint32_t * row = (const uint32_t *) ((const char *) sign->data + i*sign->nb[1]);
+                int64_t n_neg = 0;
+                for (int64_t j = 0; j < n_embd; ++j) {
+                    n_neg += (int64_t) ((row[j/32] >> (j%32)) & 1) != (int64_t) (xt[j] < 0.0f);
+                }
+                ((float *) dst->data)[t*n_ff + i] = sparse_predict_keep(alpha, n_embd, n_neg);
+            }
+        }
+        return;
+    }
+
+    uint32_t * xs = (uint32_t *) ((char *) params->wdata + params->ith*sparse_pad(n_w*n_tok*sizeof(uint32_t)));
+    for (int64_t t = 0; t < n_tok; ++t) {
+        sparse_pack_signs((const float *) ((const char *) x->data + t*x->nb[1]), n_embd, xs + t*n_w);
+    }
+    for (int64_t i = i0; i < i1; ++i) {
+        const uint32_t * row = (const uint32_t *) ((const char *) sign->data + i*sign->nb[1]);
+        for (int64_t t = 0; t < n_tok; ++t) {
+            const int64_t n_neg = sparse_xor_popcount(row, xs + t*n_w, n_w);
+            ((float *) dst->data)[t*n_ff + i] = sparse_predict_keep(alpha, n_embd, n_neg);
+        }
+    }
+}
+
+//
+// GGML_OP_SPARSE_MUL_MAT
+//
+
+static bool sparse_active(const ggml_tensor * mask, int64_t i, int64_t t) {
+    return mask == nullptr || *(const float *) ((const char *) mask->data + i*sizeof(float) + t*mask->nb[1]) != 0.0f;
+}
+
+static void sparse_mul_mat_ref(const ggml_compute_params * params, ggml_tensor * dst) {
+    const ggml_tensor * w    = dst->src[0];
+    const ggml_tensor * x    = dst->src[1];
+    const ggml_tensor * mask = dst->src[2];
+
+    const int64_t n_embd = w->ne[0];
+    const int64_t n_ff   = w->ne[1];
+    const int64_t n_tok  = x->ne[1];
+
+    int64_t i0, i1;
+    sparse_split(n_ff, params->ith, params->nth, i0, i1);
+
+    float * row = (float *) params->wdata + params->ith*(sparse_pad(n_embd*sizeof(float))/sizeof(float));
+    for (int64_t i = i0; i < i1; ++i) {
+        sparse_row_to_float(w->type, (const char *) w->data + i*w->nb[1], row, n_embd);
+        for (int64_t t = 0; t < n_tok; ++t) {
+            const float * xt = (const float *) ((const char *) x->data + t*x->nb[1]);
+            double sum = 0.0;
+            for (int64_t j = 0; j < n_embd; ++j) {
+                sum += (double) row[j] * xt[j];
+            }
+            // dense, then masked
+            ((float *) dst->data)[t*n_ff + i] = sparse_active(mask, i, t) ? (float) sum : 0.0f;
+        }
+    }
+}
+
+static void sparse_mul_mat(const ggml_compute_params * params, ggml_tensor * dst) {
+    if (params->use_ref) {
+        sparse_mul_mat_ref(params, dst);
+        return;
+    }
+
+    const ggml_tensor * w    = dst->src[0];
+    const ggml_tensor * x    = dst->src[1];
+    const ggml_tensor * mask = dst->src[2];
+
+    const int64_t n_embd = w->ne[0];
+    const int64_t n_ff   = w->ne[1];
+    const int64_t n_tok  = x->ne[1];
+
+    const ggml_type_traits_cpu * traits = ggml_get_type_traits_cpu(w->type);
+    const ggml_type vec_dot_type = traits->vec_dot_type;
+
+    // x in the type the weight's dot product takes
+    const char * xq    = (const char *) x->data;
+    size_t       xq_nb = x->nb[1];
+    if (x->type != vec_dot_type) {
+        const ggml_from_float_t from_float = ggml_get_type_traits_cpu(vec_dot_type)->from_float;
+        xq_nb = ggml_row_size(vec_dot_type, n_embd);
+        for (int64_t t = params->ith; t < n_tok; t += params->nth) {
+            from_float((const float *) ((const char *) x->data + t*x->nb[1]), (char *) params->wdata + t*xq_nb, n_embd);
+        }
+        ggml_barrier(params->threadpool);
+        xq = (const char *) params->wdata;
+    }
+
+    // this thread's rows that some token needs; the others are 0
+    float * out = (float *) dst->data;
+    thread_local std::vector<int32_t> rows;
+    rows.clear();
+    const int64_t n_chunk = (n_ff + SPARSE_ROW_CHUNK - 1) / SPARSE_ROW_CHUNK;
+    for (int64_t c = params->ith; c < n_chunk; c += params->nth) {
+        const int64_t i1 = std::min(n_ff, (c + 1)*SPARSE_ROW_CHUNK);
+        for (int64_t i = c*SPARSE_ROW_CHUNK; i < i1; ++i) {
+            bool any = false;
+            for (int64_t t = 0; t < n_tok; ++t) {
+                const bool active = sparse_active(mask, i, t);
+                any = any || active;
+                if (!active) {
+                    out[t*n_ff + i] = 0.0f;
+                }
+            }
+            if (any) {
+                rows.push_back((int32_t) i);
+            }
+        }
+    }
+
+    const size_t row_size = w->nb[1];
+    for (size_t k = 0; k < rows.size(); ++k) {
+        if (k + SPARSE_PREFETCH < rows.size()) {
+            sparse_prefetch((const char *) w->data + rows[k + SPARSE_PREFETCH]*row_size, row_size);
+        }
+        const int64_t i = rows[k];
+        const char * row = (const char *) w->data + i*row_size;
+        for (int64_t t = 0; t < n_tok; ++t) {
+            if (sparse_active(mask, i, t)) {
+                traits->vec_dot((int) n_embd, out + t*n_ff + i, 0, row, 0, xq + t*xq_nb, 0, 1);
+            }
+        }
+    }
+}
+
+//
+// GGML_OP_SPARSE_MASK
+//
+
+static void sparse_mask(const ggml_compute_params * params, ggml_tensor * dst) {
+    // one loop serves as kernel and reference: it is the definition
+    const ggml_tensor * a     = dst->src[0];
+    const float       * scale = (const float *) dst->src[1]->data;
+    const float         thr   = sparse_param(dst->src[2], ggml_get_op_params_i32(dst, 0));
+
+    const int64_t n_ff  = a->ne[0];
+    const int64_t n_tok = a->ne[1];
+
+    int64_t i0, i1;
+    sparse_split(n_ff, params->ith, params->nth, i0, i1);
+
+    for (int64_t t = 0; t < n_tok; ++t) {
+        const float * at  = (const float *) ((const char *) a->data + t*a->nb[1]);
+        float       * out = (float *) dst->data + t*n_ff;
+        for (int64_t i = i0; i < i1; ++i) {
+            out[i] = at[i] != 0.0f && fabsf(at[i]) * scale[i] >= thr ? at[i] : 0.0f;
+        }
+    }
+}
+
+//
+// GGML_OP_SPARSE_DOWN
+//
+
+static void sparse_down_ref(const ggml_compute_params * params, ggml_tensor * dst) {
+    const ggml_tensor * dt = dst->src[0];
+    const ggml_tensor * h  = dst->src[1];
+
+    const int64_t n_embd = dt->ne[0];
+    const int64_t n_ff   = dt->ne[1];
+    const int64_t n_tok  = h->ne[1];
+
+    if (params->ith != 0) {
+        return;
+    }
+
+    // dense: every row, zeros included
+    std::vector<double> acc(n_embd*n_tok, 0.0);
+    float * row = (float *) params->wdata;
+    for (int64_t i = 0; i < n_ff; ++i) {
+        sparse_row_to_float(dt->type, (const char *) dt->data + i*dt->nb[1], row, n_embd);
+        for (int64_t t = 0; t < n_tok; ++t) {
+            const double ht = *(const float *) ((const char *) h->data + i*sizeof(float) + t*h->nb[1]);
+            for (int64_t j = 0; j < n_embd; ++j) {
+                acc[t*n_embd + j] += ht * row[j];
+            }
+        }
+    }
+    for (int64_t k = 0; k < n_embd*n_tok; ++k) {
+        ((float *) dst->data)[k] = (float) acc[k];
+    }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// One token, AVX-512: out[j0, j1) += h_i * down_t_i[j0, j1) over the active rows i, 256 columns
+// at a time held in 16 registers, so the output is written once per chunk instead of once per
+// row. B describes a 32-column block of the row: its bytes and how to add h * it to 2 registers.
+
+struct sparse_blk_q4_0 {
+    static constexpr size_t size = sizeof(block_q4_0);
+    static void axpy(const void * p, float h, __m512 & a0, __m512 & a1) {
+        const block_q4_0 * b = (const block_q4_0 *) p;
+        const __m512  s  = _mm512_set1_ps(h * GGML_CPU_FP16_TO_FP32(b->d));
+        const __m128i q  = _mm_loadu_si128((const __m128i *) b->qs);
+        const __m128i m4 = _mm_set1_epi8(0x0F);
+        const __m128i e8 = _mm_set1_epi8(8);
+        const __m128i lo = _mm_sub_epi8(_mm_and_si128(q, m4), e8);                    // columns 0..15
+        const __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(q, 4), m4), e8); // columns 16..31
+        a0 = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)), a0);
+        a1 = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)), a1);
+    }
+};
+
+struct sparse_blk_q4_1 {
+    static constexpr size_t size = sizeof(block_q4_1);
+    static void axpy(const void * p, float h, __m512 & a0, __m512 & a1) {
+        const block_q4_1 * b  = (const block_q4_1 *) p;
+        const ggml_half  * dm = (const ggml_half *) b; // d, then m
+        const __m512  s  = _mm512_set1_ps(h * GGML_CPU_FP16_TO_FP32(dm[0]));
+        const __m512  m  = _mm512_set1_ps(h * GGML_CPU_FP16_TO_FP32(dm[1]));
+        const __m128i q  = _mm_loadu_si128((const __m128i *) b->qs);
+        const __m128i m4 = _mm_set1_epi8(0x0F);
+        const __m128i lo = _mm_and_si128(q, m4);
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(q, 4), m4);
+        a0 = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), _mm512_add_ps(a0, m));
+        a1 = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), _mm512_add_ps(a1, m));
+    }
+};
+
+struct sparse_blk_q8_0 {
+    static constexpr size_t size = sizeof(block_q8_0);
+    static void axpy(const void * p, float h, __m512 & a0, __m512 & a1) {
+        const block_q8_0 * b = (const block_q8_0 *) p;
+        const __m512 s = _mm512_set1_ps(h * GGML_CPU_FP16_TO_FP32(b->d));
+        a0 = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *) b->qs))),      a0);
+        a1 = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *) (b->qs + 16)))), a1);
+    }
+};
+
+struct sparse_blk_f16 {
+    static constexpr size_t size = 32*sizeof(ggml_fp16_t);
+    static void axpy(const void * p, float h, __m512 & a0, __m512 & a1) {
+        const __m512 s = _mm512_set1_ps(h);
+        a0 = _mm512_fmadd_ps(s, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) p)),                            a0);
+        a1 = _mm512_fmadd_ps(s, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) ((const ggml_fp16_t *) p + 16))), a1);
+    }
+};
+
+struct sparse_blk_bf16 {
+    static constexpr size_t size = 32*sizeof(ggml_bf16_t);
+    static __m512 load16(const void * p) {
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *) p)), 16));
+    }
+    static void axpy(const void * p, float h, __m512 & a0, __m512 & a1) {
+        const __m512 s = _mm512_set1_ps(h);
+        a0 = _mm512_fmadd_ps(s, load16(p),                              a0);
+        a1 = _mm512_fmadd_ps(s, load16((const ggml_bf16_t *) p + 16), a1);
+    }
+};
+
+struct sparse_blk_f32 {
+    static constexpr size_t size = 32*sizeof(float);
+    static void axpy(const void * p, float h, __m512 & a0, __m512 & a1) {
+        const __m512 s = _mm512_set1_ps(h);
+        a0 = _mm512_fmadd_ps(s, _mm512_loadu_ps((const float *) p),      a0);
+        a1 = _mm512_fmadd_ps(s, _mm512_loadu_ps((const float *) p + 16), a1);
+    }
+};
+
+// blocks [c, c + NB) of every active row into out (NB <= 8: 2*NB registers)
+template <typename B, int NB>
+static void sparse_down_chunk(const char * data, size_t nb1, const std::vector<std::pair<int32_t, float>> & act,
+        int64_t c, float * out) {
+    __m512 acc[2*NB];
+    for (int k = 0; k < 2*NB; ++k) {
+        acc[k] = _mm512_setzero_ps();
+    }
+    for (size_t r = 0; r < act.size(); ++r) {
+        if (r + SPARSE_PREFETCH < act.size()) {
+            sparse_prefetch(data + act[r + SPARSE_PREFETCH].first*nb1 + c*B::size, NB*B::size);
+        }
+        const char * blk = data + act[r].first*nb1 + c*B::size;
+        const float  h   = act[r].second;
+#pragma GCC unroll 8
+        for (int b = 0; b < NB; ++b) {
+            B::axpy(blk + b*B::size, h, acc[2*b], acc[2*b + 1]);
+        }
+    }
+    for (int k = 0; k < 2*NB; ++k) {
+        _mm512_storeu_ps(out + c*32 + 16*k, acc[k]);
+    }
+}
+
+template <typename B>
+static void sparse_down_rows(const char * data, size_t nb1, const std::vector<std::pair<int32_t, float>> & act,
+        int64_t j0, int64_t j1, float * out) {
+    int64_t c = j0/32;
+    for (; c + 8 <= j1/32; c += 8) {
+        sparse_down_chunk<B, 8>(data, nb1, act, c, out);
+    }
+    for (; c < j1/32; ++c) {
+        sparse_down_chunk<B, 1>(data, nb1, act, c, out);
+    }
+}
+
+// the fast path, if there is one for this type and shape
+static bool sparse_down_fast(const ggml_tensor * dt, const std::vector<std::pair<int32_t, float>> & act,
+        int64_t j0, int64_t j1, float * out) {
+    if (j0 % 32 != 0 || j1 % 32 != 0) {
+        return false;
+    }
+    const char * data = (const char *) dt->data;
+    const size_t nb1  = dt->nb[1];
+    switch (dt->type) {
+        case GGML_TYPE_Q4_0: sparse_down_rows<sparse_blk_q4_0>(data, nb1, act, j0, j1, out); return true;
+        case GGML_TYPE_Q4_1: sparse_down_rows<sparse_blk_q4_1>(data, nb1, act, j0, j1, out); return true;
+        case GGML_TYPE_Q8_0: sparse_down_rows<sparse_blk_q8_0>(data, nb1, act, j0, j1, out); return true;
+        case GGML_TYPE_F16:  sparse_down_rows<sparse_blk_f16> (data, nb1, act, j0, j1, out); return true;
+        case GGML_TYPE_BF16: sparse_down_rows<sparse_blk_bf16>(data, nb1, act, j0, j1, out); return true;
+        case GGML_TYPE_F32:  sparse_down_rows<sparse_blk_f32> (data, nb1, act, j0, j1, out); return true;
+        default:             return false;
+    }
+}
+#else
+static bool sparse_down_fast(const ggml_tensor *, const std::vector<std::pair<int32_t, float>> &, int64_t, int64_t, float *) {
+    return false;
+}
+#endif
+
+static void sparse_down(const ggml_compute_params * params, ggml_tensor * dst) {
+    if (params->use_ref) {
+        sparse_down_ref(params, dst);
+        return;
+    }
+
+    const ggml_tensor * dt = dst->src[0];
+    const ggml_tensor * h  = dst->src[1];
+
+    const int64_t n_embd = dt->ne[0];
+    const int64_t n_ff   = dt->ne[1];
+    const int64_t n_tok  = h->ne[1];
+
+    // this thread's columns [j0, j1): whole quantization blocks, 64 floats at least
+    const int64_t blck = ggml_blck_size(dt->type);
+    const int64_t unit = blck >= 64 ? blck : 64/blck*blck;
+    int64_t u0, u1;
+    sparse_split((n_embd + unit - 1)/unit, params->ith, params->nth, u0, u1);
+    const int64_t j0 = std::min(n_embd, u0*unit);
+    const int64_t j1 = std::min(n_embd, u1*unit);
+    const int64_t nj = j1 - j0;
+    if (nj == 0) {
+        return;
+    }
+
+    float * out = (float *) dst->data;
+
+    if (n_tok == 1) {
+        // the active rows and their h, in row order
+        thread_local std::vector<std::pair<int32_t, float>> act;
+        act.clear();
+        const float * h0 = (const float *) h->data;
+        for (int64_t i = 0; i < n_ff; ++i) {
+            if (h0[i] != 0.0f) {
+                act.emplace_back((int32_t) i, h0[i]);
+            }
+        }
+        if (sparse_down_fast(dt, act, j0, j1, out)) {
+            return;
+        }
+    }
+
+    for (int64_t t = 0; t < n_tok; ++t) {
+        memset(out + t*n_embd + j0, 0, nj*sizeof(float));
+    }
+
+    const size_t j0_off = ggml_row_size(dt->type, j0);
+    float * buf = (float *) ((char *) params->wdata + params->ith*sparse_pad(n_embd*sizeof(float)));
+
+    for (int64_t i = 0; i < n_ff; ++i) {
+        const float * hi = (const float *) ((const char *) h->data + i*sizeof(float));
+        bool any = false;
+        for (int64_t t = 0; t < n_tok && !any; ++t) {
+            any = *(const float *) ((const char *) hi + t*h->nb[1]) != 0.0f;
+        }
+        if (!any) {
+            continue;
+        }
+        const char * row = (const char *) dt->data + i*dt->nb[1] + j0_off;
+        const float * v = (const float *) row;
+        if (dt->type != GGML_TYPE_F32) {
+            sparse_row_to_float(dt->type, row, buf, nj);
+            v = buf;
+        }
+        for (int64_t t = 0; t < n_tok; ++t) {
+            const float ht = *(const float *) ((const char *) hi + t*h->nb[1]);
+            if (ht != 0.0f) {
+                ggml_vec_mad_f32((int) nj, out + t*n_embd + j0, v, ht);
+            }
+        }
+    }
+}
+
+//
+// dispatch
+//
+
+void ggml_sparse_compute_forward(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
+    switch (dst->op) {
+        case GGML_OP_SPARSE_PREDICT: sparse_predict(params, dst); break;
+        case GGML_OP_SPARSE_MUL_MAT: sparse_mul_mat(params, dst); break;
+        case GGML_OP_SPARSE_MASK:    sparse_mask(params, dst);    break;
+        case GGML_OP_SPARSE_DOWN:    sparse_down(params, dst);    break;
+        default: GGML_ABORT("%s: not a sparse op: %s", __func__, ggml_op_name(dst->op));
+    }
+}
+
+size_t ggml_sparse_work_size(const struct ggml_tensor * node, int n_threads) {
+    switch (node->op) {
+        case GGML_OP_SPARSE_PREDICT:
+            return n_threads*sparse_pad(node->src[0]->ne[0]*node->src[1]->ne[1]*sizeof(uint32_t));
+        case GGML_OP_SPARSE_MUL_MAT: {
+            const ggml_tensor * w = node->src[0];
+            const size_t fast = ggml_row_size(ggml_get_type_traits_cpu(w->type)->vec_dot_type, w->ne[0])*node->src[1]->ne[1];
+            const size_t ref  = n_threads*sparse_pad(w->ne[0]*sizeof(float));
+            return std::max(fast, ref);
+        }
+        case GGML_OP_SPARSE_DOWN:
+            return n_threads*sparse_pad(node->src[0]->ne[0]*sizeof(float));
+        default:
+            return 0;
+    }
+}
+
+bool ggml_sparse_cpu_supports_op(const struct ggml_tensor * op) {
+    const ggml_tensor * w = op->src[0];
+    const bool readable = w->type == GGML_TYPE_F32 || ggml_get_type_traits(w->type)->to_float != nullptr;
+    switch (op->op) {
+        case GGML_OP_SPARSE_MUL_MAT: {
+            const ggml_type_traits_cpu * traits = ggml_get_type_traits_cpu(w->type);
+            return readable && traits->vec_dot != nullptr &&
+                   (traits->vec_dot_type == GGML_TYPE_F32 || ggml_get_type_traits_cpu(traits->vec_dot_type)->from_float != nullptr);
+        }
+        case GGML_OP_SPARSE_DOWN:
+            return readable;
+        default:
+            return true;
+    }
+}

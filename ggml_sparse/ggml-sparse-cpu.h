@@ -1,0 +1,23 @@
+#pragma once
+
+// llama-sparse: CPU kernels of the sparse FFN ops (include/ggml-sparse.h),
+// called from ggml-cpu.c's dispatcher (vendor/patches/0003-sparse-ggml-ops.patch).
+
+#include "ggml-cpu-impl.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// compute one sparse op on the calling thread's share of the work
+void ggml_sparse_compute_forward(const struct ggml_compute_params * params, struct ggml_tensor * dst);
+
+// bytes of work buffer the op needs with n_threads threads
+size_t ggml_sparse_work_size(const struct ggml_tensor * node, int n_threads);
+
+// whether the CPU kernels handle the op's types
+bool ggml_sparse_cpu_supports_op(const struct ggml_tensor * op);
+
+#ifdef __cplusplus
+}
+#endif

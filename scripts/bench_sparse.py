@@ -1,0 +1,336 @@
+#!/usr/bin/env python3
+"""Sparse decoding benchmark: dense vs sparse in one run, with the ideal ratio beside it.
+
+    python scripts/bench_sparse.py [--models smollm2-135m] [--synthetic q4_0 q4_k] [--no-kernels]
+
+Three tables, all measured in the same run, same build, same threads:
+
+* kernels: test-backend-ops perf of the skip-row product and the sparse axpy
+  over ffn_down_t against ggml's dense mat-vec of the same weight, at 7B and
+  70B FFN shapes and sparsity 0.5, 0.7, 0.9 (random masks, the worst case for
+  the cache), with the ideal speedup 1/(1-s);
+* end to end: llama-bench decode (tg) and prefill (pp) tokens/s of the dense
+  GGUF, the sparse GGUF in mode off, and modes threshold and predict at every
+  level the mode reaches, for the real models and synthetic GGUFs with
+  Llama-2-7B layer shapes (random weights); beside each, the sparsity the
+  context measured on the evaluation text and the ideal decode speedup for it
+  (all weight bytes a token reads, over those bytes minus the skipped FFN rows);
+* quality (real models): perplexity, mean KL divergence and top-1 agreement
+  against the dense model on the evaluation text (disjoint from calibration).
+
+Sparse files are converted once (default options) into the model cache.
+Prints the tables, saves docs/img/sparse.png and rewrites its section of
+docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gguf import GGUFReader
+
+from llama_sparse import Llama, bin_dir, models, quality
+from llama_sparse.convert import synthetic
+from llama_sparse.convert.pipeline import convert
+from llama_sparse.convert.text import evaluation_text
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "BENCHMARKS.md"
+PLOT = ROOT / "docs" / "img" / "sparse.png"
+BEGIN, END = "<!-- bench_sparse:begin -->", "<!-- bench_sparse:end -->"
+
+
+# --- kernels ----------------------------------------------------------------------
+
+PERF_LINE = re.compile(r"^\s*(\w+)\((.*)\):\s+\d+ runs -\s+([0-9.]+) us/run")
+
+
+def perf(op: str, pattern: str) -> dict[str, float]:
+    """us/run of test-backend-ops perf cases of `op` whose parameters match `pattern`."""
+    cmd = [str(bin_dir() / "test-backend-ops"), "perf", "-b", "CPU", "-o", op, "-p", pattern]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return {m.group(2): float(m.group(3)) for m in map(PERF_LINE.match, out.splitlines()) if m}
+
+
+def kernel_table(types: list[str]) -> str:
+    lines = [
+        "| shape | type | op | dense us | s | sparse us | speedup | ideal | of ideal |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n_embd, n_ff, label in ((4096, 11008, "7B"), (8192, 28672, "70B")):
+        for t in types:
+            dense = perf("MUL_MAT", f"type_a={t},type_b=f32,m=(11008|28672|4096|8192),n=1,")
+            gate = next(v for k, v in dense.items() if f"m={n_ff},n=1,k={n_embd}," in k)
+            down = next(v for k, v in dense.items() if f"m={n_embd},n=1,k={n_ff}," in k)
+            for op, base, name in (
+                ("SPARSE_MUL_MAT", gate, "gate/up"),
+                ("SPARSE_DOWN", down, "down_t"),
+            ):
+                sparse = perf(op, f"type={t},n_embd={n_embd},n_ff={n_ff},n_tok=1,")
+                for s in (0.5, 0.7, 0.9):
+                    us = next(v for k, v in sparse.items() if f"sparsity={s:.6f}" in k)
+                    ideal = 1 / (1 - s)
+                    lines.append(
+                        f"| {label} {n_embd}x{n_ff} | {t} | {name} | {base:.0f} | {s} | {us:.0f} "
+                        f"| {base / us:.2f} | {ideal:.2f} | {base / us / ideal:.0%} |"
+                    )
+            print(f"kernels {label} {t} done", file=sys.stderr)
+    return "\n".join(lines)
+
+
+# --- end to end -------------------------------------------------------------------
+
+
+@dataclass
+class Setting:
+    mode: str
+    level: float
+    pp: float = 0.0
+    tg: float = 0.0
+    achieved: float | None = None
+    ideal: float | None = None
+    quality: quality.Quality | None = None
+
+    @property
+    def label(self) -> str:
+        return self.mode if self.mode in ("dense", "off") else f"{self.mode} {self.level:g}"
+
+    def env(self) -> dict[str, str]:
+        if self.mode == "dense":
+            return {}
+        return {"LLAMA_ARG_SPARSE_MODE": self.mode, "LLAMA_ARG_SPARSITY": str(self.level)}
+
+    def flags(self) -> tuple[str, ...]:
+        if self.mode == "dense":
+            return ()
+        return ("--sparse-mode", self.mode, "--sparsity", str(self.level))
+
+
+@dataclass
+class ModelRun:
+    name: str
+    dense: Path
+    sparse: Path
+    synthetic: bool
+    settings: list[Setting] = field(default_factory=list)
+
+
+def llama_bench(model: Path, s: Setting, args: argparse.Namespace) -> tuple[float, float]:
+    cmd = [str(bin_dir() / "llama-bench"), "-m", str(model), "-p", str(args.n_prompt),
+           "-n", str(args.n_gen), "-t", str(args.threads), "-r", str(args.reps),
+           "-o", "json"]  # fmt: skip
+    env = {**os.environ, **s.env()}
+    out = json.loads(
+        subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    )
+    pp = next(statistics.median(r["samples_ts"]) for r in out if r["n_prompt"])
+    tg = next(statistics.median(r["samples_ts"]) for r in out if r["n_gen"])
+    return pp, tg
+
+
+def weight_bytes(path: Path) -> tuple[float, float]:
+    """Bytes a decoded token reads: all weights but the embedding table (one row), and the FFN's."""
+    total = ffn = 0.0
+    for t in GGUFReader(path).tensors:
+        if t.name == "token_embd.weight" or len(t.shape) < 2:
+            continue
+        total += t.n_bytes
+        if re.search(r"ffn_(gate|up|down_t)\.weight$", t.name):
+            ffn += t.n_bytes
+    return total, ffn
+
+
+def measure_sparsity(model: Path, s: Setting, tokens: list[int], threads: int) -> float:
+    llm = Llama(model_path=str(model), n_ctx=1024, n_batch=256, n_threads=threads, verbose=False,
+                sparse_mode=s.mode, sparsity=s.level)  # fmt: skip
+    llm.eval(tokens)
+    sparsity = llm.sparse_stats()["sparsity"]
+    llm.close()
+    return float(sparsity) if sparsity is not None else 0.0
+
+
+def reachable(model: Path) -> dict[str, list[float]]:
+    """Levels each sparse mode reaches on the model (the table's achieved key)."""
+    r = GGUFReader(model)
+
+    def arr(key: str) -> list[float]:
+        return [float(v) for v in r.fields[key].contents()]
+
+    levels = arr("sparse.levels")
+    return {
+        mode: [
+            lv
+            for lv, a in zip(levels, arr(f"sparse.{mode}.achieved"), strict=True)
+            if a >= lv - 0.01
+        ]
+        for mode in ("threshold", "predict")
+    }
+
+
+def prepare(args: argparse.Namespace, tmp: Path) -> list[ModelRun]:
+    cache = models.model_dir() / "sparse"
+    cache.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for name in args.models:
+        dense = models.resolve(name)
+        sparse = cache / f"{dense.stem}.sparse.gguf"
+        if not sparse.exists():
+            convert(dense, sparse, threads=args.threads)
+        runs.append(ModelRun(name, dense, sparse, synthetic=False))
+    for qt in args.synthetic:
+        dense = cache / f"synthetic-7b-{args.syn_layers}l-{qt}.gguf"
+        sparse = cache / f"synthetic-7b-{args.syn_layers}l-{qt}.sparse.gguf"
+        if not dense.exists():
+            shape = synthetic.SHAPES["llama2-7b"]
+            qtype = synthetic.QT[qt.upper()]
+            tokenizer = models.fetch(models.DEFAULT_MODEL)
+            synthetic.write_synthetic(dense, tokenizer, shape, n_layer=args.syn_layers, qtype=qtype)
+        if not sparse.exists():
+            convert(dense, sparse, n_tokens=2048, threads=args.threads)
+        runs.append(
+            ModelRun(f"synthetic 7B {qt} ({args.syn_layers} layers)", dense, sparse, synthetic=True)
+        )
+    return runs
+
+
+def run_model(m: ModelRun, args: argparse.Namespace, eval_file: Path) -> None:
+    reach = reachable(m.sparse)
+    m.settings = [Setting("dense", 0.0), Setting("off", 0.0)]
+    for mode in ("threshold", "predict"):
+        m.settings += [Setting(mode, lv) for lv in reach[mode] if lv in args.levels]
+    total, ffn = weight_bytes(m.sparse)
+    llm = Llama(model_path=str(m.sparse), n_ctx=64, verbose=False)
+    tokens = llm.tokenize(eval_file.read_text()[:6000].encode())[:768]
+    llm.close()
+    for s in m.settings:
+        s.pp, s.tg = llama_bench(m.dense if s.mode == "dense" else m.sparse, s, args)
+        if s.mode not in ("dense", "off"):
+            s.achieved = measure_sparsity(m.sparse, s, tokens, args.threads)
+            s.ideal = total / (total - s.achieved * ffn)
+        print(f"{m.name} {s.label}: pp {s.pp:.1f} tg {s.tg:.1f} t/s", file=sys.stderr)
+    if not m.synthetic:
+        sparse = [s for s in m.settings if s.mode != "dense"]
+        results = quality.compare_runs(m.dense, [(m.sparse, s.flags()) for s in sparse], eval_file,
+                                       ctx=args.ctx, threads=args.threads)  # fmt: skip
+        for s, q in zip(sparse, results, strict=True):
+            s.quality = q
+
+
+def speed_table(m: ModelRun) -> str:
+    dense = m.settings[0]
+    lines = [
+        "| setting | sparsity measured | pp t/s | tg t/s | tg speedup | ideal | of ideal gain "
+        "| PPL | mean KLD | top-1 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in m.settings:
+        up = s.tg / dense.tg
+        gain = f"{(up - 1) / (s.ideal - 1):.0%}" if s.ideal and s.ideal > 1.001 else ""
+        q = s.quality
+        qcols = (
+            f"{q.ppl:.3f} ({q.ppl_change:+.1%}) | {q.mean_kld:.4f} | {q.top1:.1%}" if q else "| |"
+        )
+        achieved = "" if s.achieved is None else f"{s.achieved:.3f}"
+        ideal = "" if s.ideal is None else f"{s.ideal:.2f}"
+        lines.append(
+            f"| {s.label} | {achieved} | {s.pp:.1f} | {s.tg:.1f} | {up:.2f} | {ideal} | {gain} "
+            f"| {qcols} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(runs: list[ModelRun]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.6), squeeze=False)
+    for ax, m in zip(axes[0], runs, strict=True):
+        dense = m.settings[0].tg
+        for mode, marker in (("threshold", "o"), ("predict", "s")):
+            pts = [s for s in m.settings if s.mode == mode]
+            ax.plot(
+                [s.achieved for s in pts], [s.tg / dense for s in pts], marker=marker, label=mode
+            )
+            ax.plot([s.achieved for s in pts], [s.ideal for s in pts], ls=":", color="gray")
+        ax.axhline(1.0, color="black", lw=0.5)
+        ax.set_xlabel("FFN byte sparsity measured")
+        ax.set_ylabel("decode speedup over dense")
+        ax.set_title(m.name, fontsize=9)
+        ax.legend(fontsize=8)
+    fig.suptitle("dotted: ideal speedup for the measured sparsity", fontsize=9)
+    fig.tight_layout()
+    PLOT.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(PLOT, dpi=100)
+
+
+def write_doc(section: str) -> None:
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    block = f"{BEGIN}\n{section}\n{END}"
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    DOC.write_text(text)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="*", default=[models.DEFAULT_MODEL], help="real models")
+    ap.add_argument("--synthetic", nargs="*", default=["q4_0", "q4_k"], help="synthetic 7B types")
+    ap.add_argument("--syn-layers", type=int, default=4, help="synthetic model layers (default: 4)")
+    ap.add_argument("--levels", type=float, nargs="*", default=[0.1, 0.3, 0.5, 0.6, 0.7, 0.9])
+    ap.add_argument("--kernel-types", nargs="*", default=["q4_0", "q4_K", "q8_0", "f16"])
+    ap.add_argument("--no-kernels", action="store_true", help="skip the kernel table")
+    ap.add_argument("--threads", type=int, default=2, help="threads (default: 2)")
+    ap.add_argument("--reps", type=int, default=3, help="llama-bench -r (default: 3)")
+    ap.add_argument("--n-prompt", type=int, default=128, help="prefill tokens (default: 128)")
+    ap.add_argument("--n-gen", type=int, default=64, help="decode tokens (default: 64)")
+    ap.add_argument("--ctx", type=int, default=512, help="perplexity context (default: 512)")
+    ap.add_argument("--eval-chars", type=int, default=20000, help="evaluation text length")
+    ap.add_argument("--no-doc", action="store_true", help="do not touch docs/BENCHMARKS.md")
+    args = ap.parse_args()
+
+    parts = []
+    with tempfile.TemporaryDirectory() as tmp:
+        text, source = evaluation_text()
+        eval_file = Path(tmp) / "eval.txt"
+        eval_file.write_text(text[: args.eval_chars])
+        runs = prepare(args, Path(tmp))
+        for m in runs:
+            run_model(m, args, eval_file)
+            tab = speed_table(m)
+            print(f"\n{m.name}\n{tab}")
+            what = "synthetic, random weights: speed only" if m.synthetic else "real model"
+            parts.append(f"**{m.name}** ({what}):\n\n{tab}")
+    plot(runs)
+    if not args.no_kernels:
+        ktab = kernel_table(args.kernel_types)
+        print(f"\nkernels\n{ktab}")
+        parts.append(
+            f"Kernels, {args.threads} threads (test-backend-ops perf, random masks):\n\n{ktab}"
+        )
+    if not args.no_doc:
+        cmd = " ".join(["python scripts/bench_sparse.py", *sys.argv[1:]])
+        head = (
+            f"Made by `{cmd}` on {platform.machine()}, {args.threads} threads; llama-bench pp"
+            f"{args.n_prompt} / tg{args.n_gen}, -r {args.reps}; sparsity measured and quality on "
+            f"{args.eval_chars} characters of {source}, context {args.ctx}."
+        )
+        write_doc("\n\n".join([head, *parts, f"![sparse](img/{PLOT.name})"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
