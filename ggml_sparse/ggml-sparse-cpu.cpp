@@ -444,26 +444,92 @@ static void sparse_down_rows(const char * data, size_t nb1, const std::vector<st
     }
 }
 
-// the fast path, if there is one for this type and shape
-static bool sparse_down_fast(const ggml_tensor * dt, const std::vector<std::pair<int32_t, float>> & act,
-        int64_t j0, int64_t j1, float * out) {
+// the 32 weights of a block as floats
+template <typename B>
+static void sparse_blk_load(const void * p, __m512 & v0, __m512 & v1) {
+    v0 = _mm512_setzero_ps();
+    v1 = _mm512_setzero_ps();
+    B::axpy(p, 1.0f, v0, v1);
+}
+
+// Several tokens: 64 output columns at a time, each active row dequantized once into 4
+// registers and added to every token that uses it (the [n_tokens, 64] output tile stays in
+// cache); the weights are read once.
+template <typename B>
+static void sparse_down_tiles(const char * data, size_t nb1, const ggml_tensor * h,
+        int64_t j0, int64_t j1, float * out, int64_t n_embd) {
+    const int64_t n_ff  = h->ne[0];
+    const int64_t n_tok = h->ne[1];
+    for (int64_t c = j0/32; c < j1/32; c += 2) {
+        const int nb = std::min<int64_t>(2, j1/32 - c);
+        for (int64_t i = 0; i < n_ff; ++i) {
+            const char * blk = data + i*nb1 + c*B::size;
+            __m512 v[4];
+            bool loaded = false;
+            for (int64_t t = 0; t < n_tok; ++t) {
+                const float ht = *(const float *) ((const char *) h->data + i*sizeof(float) + t*h->nb[1]);
+                if (ht == 0.0f) {
+                    continue;
+                }
+                if (!loaded) {
+                    sparse_blk_load<B>(blk, v[0], v[1]);
+                    if (nb == 2) {
+                        sparse_blk_load<B>(blk + B::size, v[2], v[3]);
+                    }
+                    loaded = true;
+                }
+                float * o = out + t*n_embd + c*32;
+                const __m512 s = _mm512_set1_ps(ht);
+                for (int k = 0; k < 2*nb; ++k) {
+                    _mm512_storeu_ps(o + 16*k, _mm512_fmadd_ps(s, v[k], _mm512_loadu_ps(o + 16*k)));
+                }
+            }
+        }
+    }
+}
+
+template <typename B>
+static void sparse_down_block(const char * data, size_t nb1, const ggml_tensor * h,
+        const std::vector<std::pair<int32_t, float>> & act, int64_t j0, int64_t j1, float * out, int64_t n_embd) {
+    if (h->ne[1] == 1) {
+        sparse_down_rows<B>(data, nb1, act, j0, j1, out);
+    } else {
+        sparse_down_tiles<B>(data, nb1, h, j0, j1, out, n_embd);
+    }
+}
+
+// the fast path, if there is one for this type and shape: false leaves out untouched.
+// act: the active rows and their h, for a single token
+static bool sparse_down_fast(const ggml_tensor * dt, const ggml_tensor * h,
+        const std::vector<std::pair<int32_t, float>> & act, int64_t j0, int64_t j1, float * out) {
     if (j0 % 32 != 0 || j1 % 32 != 0) {
         return false;
     }
-    const char * data = (const char *) dt->data;
-    const size_t nb1  = dt->nb[1];
+    const char *  data   = (const char *) dt->data;
+    const size_t  nb1    = dt->nb[1];
+    const int64_t n_embd = dt->ne[0];
     switch (dt->type) {
-        case GGML_TYPE_Q4_0: sparse_down_rows<sparse_blk_q4_0>(data, nb1, act, j0, j1, out); return true;
-        case GGML_TYPE_Q4_1: sparse_down_rows<sparse_blk_q4_1>(data, nb1, act, j0, j1, out); return true;
-        case GGML_TYPE_Q8_0: sparse_down_rows<sparse_blk_q8_0>(data, nb1, act, j0, j1, out); return true;
-        case GGML_TYPE_F16:  sparse_down_rows<sparse_blk_f16> (data, nb1, act, j0, j1, out); return true;
-        case GGML_TYPE_BF16: sparse_down_rows<sparse_blk_bf16>(data, nb1, act, j0, j1, out); return true;
-        case GGML_TYPE_F32:  sparse_down_rows<sparse_blk_f32> (data, nb1, act, j0, j1, out); return true;
+        case GGML_TYPE_Q4_0: sparse_down_block<sparse_blk_q4_0>(data, nb1, h, act, j0, j1, out, n_embd); return true;
+        case GGML_TYPE_Q4_1: sparse_down_block<sparse_blk_q4_1>(data, nb1, h, act, j0, j1, out, n_embd); return true;
+        case GGML_TYPE_Q8_0: sparse_down_block<sparse_blk_q8_0>(data, nb1, h, act, j0, j1, out, n_embd); return true;
+        case GGML_TYPE_F16:  sparse_down_block<sparse_blk_f16> (data, nb1, h, act, j0, j1, out, n_embd); return true;
+        case GGML_TYPE_BF16: sparse_down_block<sparse_blk_bf16>(data, nb1, h, act, j0, j1, out, n_embd); return true;
+        case GGML_TYPE_F32:  sparse_down_block<sparse_blk_f32> (data, nb1, h, act, j0, j1, out, n_embd); return true;
         default:             return false;
     }
 }
+
+static bool sparse_down_has_fast(ggml_type type) {
+    return type == GGML_TYPE_Q4_0 || type == GGML_TYPE_Q4_1 || type == GGML_TYPE_Q8_0 ||
+           type == GGML_TYPE_F16  || type == GGML_TYPE_BF16 || type == GGML_TYPE_F32;
+}
 #else
-static bool sparse_down_fast(const ggml_tensor *, const std::vector<std::pair<int32_t, float>> &, int64_t, int64_t, float *) {
+static bool sparse_down_fast(const ggml_tensor *, const ggml_tensor *, const std::vector<std::pair<int32_t, float>> &,
+        int64_t, int64_t, float *) {
+    return false;
+}
+
+static bool sparse_down_has_fast(ggml_type) {
     return false;
 }
 #endif
@@ -494,24 +560,25 @@ static void sparse_down(const ggml_compute_params * params, ggml_tensor * dst) {
     }
 
     float * out = (float *) dst->data;
-
-    if (n_tok == 1) {
-        // the active rows and their h, in row order
-        thread_local std::vector<std::pair<int32_t, float>> act;
-        act.clear();
-        const float * h0 = (const float *) h->data;
-        for (int64_t i = 0; i < n_ff; ++i) {
-            if (h0[i] != 0.0f) {
-                act.emplace_back((int32_t) i, h0[i]);
-            }
-        }
-        if (sparse_down_fast(dt, act, j0, j1, out)) {
-            return;
-        }
-    }
-
     for (int64_t t = 0; t < n_tok; ++t) {
         memset(out + t*n_embd + j0, 0, nj*sizeof(float));
+    }
+
+    if (sparse_down_has_fast(dt->type)) {
+        // one token: the active rows and their h, in row order
+        thread_local std::vector<std::pair<int32_t, float>> act;
+        act.clear();
+        if (n_tok == 1) {
+            const float * h0 = (const float *) h->data;
+            for (int64_t i = 0; i < n_ff; ++i) {
+                if (h0[i] != 0.0f) {
+                    act.emplace_back((int32_t) i, h0[i]);
+                }
+            }
+        }
+        if (sparse_down_fast(dt, h, act, j0, j1, out)) {
+            return;
+        }
     }
 
     const size_t j0_off = ggml_row_size(dt->type, j0);

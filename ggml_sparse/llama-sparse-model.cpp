@@ -345,12 +345,18 @@ ggml_tensor * llama_sparse_build_ffn(
             gctx.cb(m, "ffn_sparse_predict", il);
         }
 
-        ggml_tensor * g = skip ? ggml_sparse_mul_mat(ctx0, layer.ffn_gate, cur, m) : ggml_mul_mat(ctx0, layer.ffn_gate, cur);
-        gctx.cb(g, "ffn_gate", il);
-        if (layer.ffn_gate_b) {
-            g = ggml_add(ctx0, g, layer.ffn_gate_b);
-            gctx.cb(g, "ffn_gate_b", il);
-        }
+        // w.x (+ bias): skipping the rows where mask is 0 (small batch), or dense
+        auto product = [&](ggml_tensor * w, ggml_tensor * b, ggml_tensor * mask, const char * name, const char * name_b) {
+            ggml_tensor * y = skip ? ggml_sparse_mul_mat(ctx0, w, cur, mask) : ggml_mul_mat(ctx0, w, cur);
+            gctx.cb(y, name, il);
+            if (b) {
+                y = ggml_add(ctx0, y, b);
+                gctx.cb(y, name_b, il);
+            }
+            return y;
+        };
+
+        ggml_tensor * g = product(layer.ffn_gate, layer.ffn_gate_b, m, "ffn_gate", "ffn_gate_b");
         if (m && (!skip || layer.ffn_gate_b)) {
             g = ggml_mul(ctx0, g, m); // skipped neurons' gate is 0, as the skipping product leaves it
         }
@@ -361,12 +367,7 @@ ggml_tensor * llama_sparse_build_ffn(
         a = ggml_sparse_mask(ctx0, a, scale, p, GGML_SPARSE_POINT_GATE);
         gctx.cb(a, "ffn_sparse_act", il);
 
-        ggml_tensor * u = skip ? ggml_sparse_mul_mat(ctx0, layer.ffn_up, cur, a) : ggml_mul_mat(ctx0, layer.ffn_up, cur);
-        gctx.cb(u, "ffn_up", il);
-        if (layer.ffn_up_b) {
-            u = ggml_add(ctx0, u, layer.ffn_up_b);
-            gctx.cb(u, "ffn_up_b", il);
-        }
+        ggml_tensor * u = product(layer.ffn_up, layer.ffn_up_b, a, "ffn_up", "ffn_up_b");
 
         // point 3: |act(g) * u| * down_norm
         h = ggml_sparse_mask(ctx0, ggml_mul(ctx0, a, u), layer.ffn_down_norm, p, GGML_SPARSE_POINT_UP);

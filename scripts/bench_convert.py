@@ -21,15 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import benchdoc
+
 from llama_sparse import models, quality
 from llama_sparse.convert import synthetic
 from llama_sparse.convert.pipeline import ConvertResult, convert
 from llama_sparse.convert.structure import identity_plan, open_dense, write_sparse
 from llama_sparse.convert.text import evaluation_text
-
-ROOT = Path(__file__).resolve().parent.parent
-DOC = ROOT / "docs" / "BENCHMARKS.md"
-BEGIN, END = "<!-- bench_convert:begin -->", "<!-- bench_convert:end -->"
 
 
 def mib(n: float) -> str:
@@ -124,13 +122,7 @@ def main() -> int:
     if not args.no_doc:
         cmd = " ".join(["python scripts/bench_convert.py", *sys.argv[1:]])
         section = f"Made by `{cmd}` on {platform.machine()}, {args.threads} threads.\n\n{tables}"
-        doc = DOC.read_text()
-        block = f"{BEGIN}\n{section}\n{END}"
-        if BEGIN in doc:
-            doc = doc[: doc.index(BEGIN)] + block + doc[doc.index(END) + len(END) :]
-        else:
-            doc = doc.rstrip("\n") + "\n\n## Converter\n\n" + block + "\n"
-        DOC.write_text(doc)
+        benchdoc.write_section("bench_convert", section)
     return 0
 
 

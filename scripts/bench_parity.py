@@ -24,13 +24,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "vendor"))
 
+import benchdoc  # noqa: E402
 import reference  # noqa: E402
 
 from llama_sparse import bin_dir, models  # noqa: E402
 
-DOC = ROOT / "docs" / "BENCHMARKS.md"
 PLOT = ROOT / "docs" / "img" / "parity.png"
-BEGIN, END = "<!-- bench_parity:begin -->", "<!-- bench_parity:end -->"
 
 
 @dataclass
@@ -105,16 +104,6 @@ def plot(rows: list[Row]) -> None:
     fig.savefig(PLOT, dpi=100)
 
 
-def write_doc(section: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{section}\n{END}"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    DOC.write_text(text)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=models.DEFAULT_MODEL, help="model name or GGUF path")
@@ -132,10 +121,11 @@ def main() -> int:
     plot(rows)
     if not args.no_doc:
         cmd = " ".join(["python scripts/bench_parity.py", *sys.argv[1:]])
-        write_doc(
+        benchdoc.write_section(
+            "bench_parity",
             f"Made by `{cmd}` on {platform.machine()}, {args.threads} threads, model "
             f"{args.model}, {args.rounds} alternating rounds of llama-bench -r {args.reps}.\n\n"
-            f"{tab}\n\n![parity](img/{PLOT.name})"
+            f"{tab}\n\n![parity](img/{PLOT.name})",
         )
     return 0
 

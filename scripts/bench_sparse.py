@@ -37,6 +37,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import benchdoc
 from gguf import GGUFReader
 
 from llama_sparse import Llama, bin_dir, models, quality
@@ -45,9 +46,7 @@ from llama_sparse.convert.pipeline import convert
 from llama_sparse.convert.text import evaluation_text
 
 ROOT = Path(__file__).resolve().parent.parent
-DOC = ROOT / "docs" / "BENCHMARKS.md"
 PLOT = ROOT / "docs" / "img" / "sparse.png"
-BEGIN, END = "<!-- bench_sparse:begin -->", "<!-- bench_sparse:end -->"
 
 
 # --- kernels ----------------------------------------------------------------------
@@ -166,7 +165,7 @@ def reachable(model: Path) -> dict[str, list[float]]:
     def arr(key: str) -> list[float]:
         return [float(v) for v in r.fields[key].contents()]
 
-    levels = arr("sparse.levels")
+    levels = [round(lv, 4) for lv in arr("sparse.levels")]
     return {
         mode: [
             lv
@@ -207,7 +206,7 @@ def run_model(m: ModelRun, args: argparse.Namespace, eval_file: Path) -> None:
     reach = reachable(m.sparse)
     m.settings = [Setting("dense", 0.0), Setting("off", 0.0)]
     for mode in ("threshold", "predict"):
-        m.settings += [Setting(mode, lv) for lv in reach[mode] if lv in args.levels]
+        m.settings += [Setting(mode, lv) for lv in reach[mode] if round(lv, 4) in args.levels]
     total, ffn = weight_bytes(m.sparse)
     llm = Llama(model_path=str(m.sparse), n_ctx=64, verbose=False)
     tokens = llm.tokenize(eval_file.read_text()[:6000].encode())[:768]
@@ -275,16 +274,6 @@ def plot(runs: list[ModelRun]) -> None:
     fig.savefig(PLOT, dpi=100)
 
 
-def write_doc(section: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{section}\n{END}"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    DOC.write_text(text)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="*", default=[models.DEFAULT_MODEL], help="real models")
@@ -328,7 +317,9 @@ def main() -> int:
             f"{args.n_prompt} / tg{args.n_gen}, -r {args.reps}; sparsity measured and quality on "
             f"{args.eval_chars} characters of {source}, context {args.ctx}."
         )
-        write_doc("\n\n".join([head, *parts, f"![sparse](img/{PLOT.name})"]))
+        benchdoc.write_section(
+            "bench_sparse", "\n\n".join([head, *parts, f"![sparse](img/{PLOT.name})"])
+        )
     return 0
 
 
