@@ -44,8 +44,9 @@ extern "C" {
     LLAMA_API int32_t llama_sparse_mode_from_name(const char * name);
 
     // The settings contexts created from now on start with (process-wide;
-    // initially mode auto, level 0, alpha 1). The CLI flags --sparse-mode,
-    // --sparsity and --sparse-alpha set these.
+    // initially mode auto, level 0, alpha 1, or what the environment variables
+    // LLAMA_ARG_SPARSE_MODE, LLAMA_ARG_SPARSITY, LLAMA_ARG_SPARSE_ALPHA say).
+    // The CLI flags --sparse-mode, --sparsity and --sparse-alpha set these.
     LLAMA_API struct llama_sparse_params llama_sparse_default_params(void);
     LLAMA_API void llama_sparse_set_defaults(struct llama_sparse_params params);
 
