@@ -27,6 +27,7 @@
 #define GGML_COMMON_DECL_CPP
 #include "ggml-common.h"
 
+#include "ggml-sparse-common.h"
 #include "ggml-sparse-cpu.h"
 #include "ggml-sparse.h"
 
@@ -75,8 +76,9 @@ static void sparse_split(int64_t n, int ith, int nth, int64_t & i0, int64_t & i1
     i1 = n * (ith + 1) / nth;
 }
 
-static float sparse_param(const ggml_tensor * params, int i) {
-    return ((const float *) params->data)[i];
+// params[i] for token t (ggml-sparse.h: one column for all tokens or one per token)
+static float sparse_param(const ggml_tensor * params, int i, int64_t t) {
+    return *(const float *) ((const char *) params->data + i*sizeof(float) + ggml_sparse_param_col(params->ne[1], t)*params->nb[1]);
 }
 
 //
@@ -125,11 +127,6 @@ static int64_t sparse_xor_popcount(const uint32_t * a, const uint32_t * b, int64
     return n;
 }
 
-// the predictor's rule (docs/FORMAT.md, mask point 1)
-static float sparse_predict_keep(float alpha, int64_t n_embd, int64_t n_neg) {
-    return alpha > 0.0f && alpha * (float) (n_embd - n_neg) < (float) n_neg ? 0.0f : 1.0f;
-}
-
 static void sparse_predict(const ggml_compute_params * params, ggml_tensor * dst) {
     const ggml_tensor * sign = dst->src[0];
     const ggml_tensor * x    = dst->src[1];
@@ -138,7 +135,7 @@ static void sparse_predict(const ggml_compute_params * params, ggml_tensor * dst
     const int64_t n_tok  = x->ne[1];
     const int64_t n_w    = sign->ne[0];
     const int64_t n_ff   = sign->ne[1];
-    const float   alpha  = sparse_param(dst->src[2], 0);
+    const ggml_tensor * p = dst->src[2];
 
     int64_t i0, i1;
     sparse_split(n_ff, params->ith, params->nth, i0, i1);
@@ -147,13 +144,14 @@ static void sparse_predict(const ggml_compute_params * params, ggml_tensor * dst
         // bit by bit, straight from the definition
         for (int64_t t = 0; t < n_tok; ++t) {
             const float * xt = (const float *) ((const char *) x->data + t*x->nb[1]);
+            const float alpha = sparse_param(p, 0, t);
             for (int64_t i = i0; i < i1; ++i) {
                 const uint32_t * row = (const uint32_t *) ((const char *) sign->data + i*sign->nb[1]);
                 int64_t n_neg = 0;
                 for (int64_t j = 0; j < n_embd; ++j) {
                     n_neg += (int64_t) ((row[j/32] >> (j%32)) & 1) != (int64_t) (xt[j] < 0.0f);
                 }
-                ((float *) dst->data)[t*n_ff + i] = sparse_predict_keep(alpha, n_embd, n_neg);
+                ((float *) dst->data)[t*n_ff + i] = ggml_sparse_predict_keep(alpha, n_embd, n_neg);
             }
         }
         return;
@@ -167,7 +165,7 @@ static void sparse_predict(const ggml_compute_params * params, ggml_tensor * dst
         const uint32_t * row = (const uint32_t *) ((const char *) sign->data + i*sign->nb[1]);
         for (int64_t t = 0; t < n_tok; ++t) {
             const int64_t n_neg = sparse_xor_popcount(row, xs + t*n_w, n_w);
-            ((float *) dst->data)[t*n_ff + i] = sparse_predict_keep(alpha, n_embd, n_neg);
+            ((float *) dst->data)[t*n_ff + i] = ggml_sparse_predict_keep(sparse_param(p, 0, t), n_embd, n_neg);
         }
     }
 }
@@ -282,7 +280,7 @@ static void sparse_mask(const ggml_compute_params * params, ggml_tensor * dst) {
     // one loop serves as kernel and reference: it is the definition
     const ggml_tensor * a     = dst->src[0];
     const float       * scale = (const float *) dst->src[1]->data;
-    const float         thr   = sparse_param(dst->src[2], ggml_get_op_params_i32(dst, 0));
+    const int           point = ggml_get_op_params_i32(dst, 0);
 
     const int64_t n_ff  = a->ne[0];
     const int64_t n_tok = a->ne[1];
@@ -293,8 +291,9 @@ static void sparse_mask(const ggml_compute_params * params, ggml_tensor * dst) {
     for (int64_t t = 0; t < n_tok; ++t) {
         const float * at  = (const float *) ((const char *) a->data + t*a->nb[1]);
         float       * out = (float *) dst->data + t*n_ff;
+        const float   thr = sparse_param(dst->src[2], point, t);
         for (int64_t i = i0; i < i1; ++i) {
-            out[i] = at[i] != 0.0f && fabsf(at[i]) * scale[i] >= thr ? at[i] : 0.0f;
+            out[i] = ggml_sparse_mask_value(at[i], scale[i], thr);
         }
     }
 }
@@ -315,15 +314,27 @@ static void sparse_down_ref(const ggml_compute_params * params, ggml_tensor * ds
         return;
     }
 
-    // dense: every row, zeros included
+    // dense: every row, zeros included; the columns visited tile by tile and pair by pair
+    // as the CUDA kernel visits them (ggml-sparse-common.h), which checks that mapping
+    const bool float_type = dt->type == GGML_TYPE_F32 || dt->type == GGML_TYPE_F16 || dt->type == GGML_TYPE_BF16;
+    const int  qk = float_type ? 1 : (int) ggml_blck_size(dt->type);
+    const int  qr = float_type ? 1 : ggml_sparse_down_qr(dt->type);
     std::vector<double> acc(n_embd*n_tok, 0.0);
     float * row = (float *) params->wdata;
     for (int64_t i = 0; i < n_ff; ++i) {
         sparse_row_to_float(dt->type, (const char *) dt->data + i*dt->nb[1], row, n_embd);
         for (int64_t t = 0; t < n_tok; ++t) {
             const double ht = *(const float *) ((const char *) h->data + i*sizeof(float) + t*h->nb[1]);
-            for (int64_t j = 0; j < n_embd; ++j) {
-                acc[t*n_embd + j] += ht * row[j];
+            for (int64_t c0 = 0; c0 < n_embd; c0 += GGML_SPARSE_DOWN_TILE) {
+                for (int pair = 0; pair < GGML_SPARSE_DOWN_TILE/2; ++pair) {
+                    int ib, iqs, e0, e1;
+                    ggml_sparse_down_pair(pair, qk, qr, ib, iqs, e0, e1);
+                    for (int64_t j : { c0 + e0, c0 + e1 }) {
+                        if (j < n_embd) {
+                            acc[t*n_embd + j] += ht * row[j];
+                        }
+                    }
+                }
             }
         }
     }

@@ -4,8 +4,10 @@
 #include "ggml-sparse.h"
 #include "ggml-impl.h"
 
-static bool ggml_sparse_is_params(const struct ggml_tensor * params) {
-    return params->type == GGML_TYPE_F32 && ggml_is_contiguous(params) && ggml_nelements(params) >= GGML_SPARSE_N_PARAMS;
+// one column of params for all tokens, or one per token
+static bool ggml_sparse_is_params(const struct ggml_tensor * params, int64_t n_tokens) {
+    return params->type == GGML_TYPE_F32 && ggml_is_matrix(params) && params->ne[0] == GGML_SPARSE_N_PARAMS &&
+        params->nb[0] == sizeof(float) && (params->ne[1] == 1 || params->ne[1] == n_tokens);
 }
 
 struct ggml_tensor * ggml_sparse_predict(
@@ -16,7 +18,7 @@ struct ggml_tensor * ggml_sparse_predict(
     GGML_ASSERT(sign->type == GGML_TYPE_I32 && ggml_is_contiguous(sign) && ggml_is_matrix(sign));
     GGML_ASSERT(x->type == GGML_TYPE_F32 && ggml_is_matrix(x) && x->nb[0] == sizeof(float));
     GGML_ASSERT(sign->ne[0] == (x->ne[0] + 31)/32);
-    GGML_ASSERT(ggml_sparse_is_params(params));
+    GGML_ASSERT(ggml_sparse_is_params(params, x->ne[1]));
 
     struct ggml_tensor * result = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, sign->ne[1], x->ne[1]);
 
@@ -59,7 +61,7 @@ struct ggml_tensor * ggml_sparse_mask(
         enum ggml_sparse_point point) {
     GGML_ASSERT(a->type == GGML_TYPE_F32 && ggml_is_matrix(a) && a->nb[0] == sizeof(float));
     GGML_ASSERT(scale->type == GGML_TYPE_F32 && ggml_is_contiguous(scale) && ggml_nelements(scale) == a->ne[0]);
-    GGML_ASSERT(ggml_sparse_is_params(params));
+    GGML_ASSERT(ggml_sparse_is_params(params, a->ne[1]));
     GGML_ASSERT(point == GGML_SPARSE_POINT_GATE || point == GGML_SPARSE_POINT_UP);
 
     struct ggml_tensor * result = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, a->ne[0], a->ne[1]);

@@ -230,36 +230,59 @@ ggml_tensor * llama_sparse_weight_op(ggml_context * ctx, ggml_tensor * w, ggml_o
     }
 }
 
-// the graph's sparse input: per-layer thresholds, and the statistics counters
+// the graph's sparse input: per-layer and per-token thresholds, and the statistics counters
 class llm_graph_input_sparse : public llm_graph_input_i {
 public:
-    explicit llm_graph_input_sparse(std::shared_ptr<llama_sparse_context> sctx) :
-        sctx(std::move(sctx)), structure(this->sctx->structure) {}
+    llm_graph_input_sparse(std::shared_ptr<llama_sparse_context> sctx, llama_sparse_mode mode) :
+        sctx(std::move(sctx)), structure(this->sctx->structure), mode(mode) {}
 
     void set_input(const llama_ubatch * ubatch) override {
-        GGML_UNUSED(ubatch);
+        const int64_t n_tokens = ubatch->n_tokens;
+        tok_seq.resize(n_tokens);
+        out_tok.clear();
+        for (int64_t t = 0; t < n_tokens; ++t) {
+            tok_seq[t] = ubatch->seq_id ? ubatch->seq_id[t][0] : 0;
+            if (ubatch->output == nullptr || ubatch->output[t]) {
+                out_tok.push_back((int32_t) t);
+            }
+        }
         if (params) {
-            ggml_backend_tensor_set(params, sctx->layer_params.data(), 0, ggml_nbytes(params));
+            // token t of layer il at [il][t]: its sequence's values (mode off: all 0, skip exact zeros)
+            const int64_t n_layer = params->ne[2];
+            std::vector<float> data(ggml_nelements(params), 0.0f);
+            for (int64_t t = 0; t < n_tokens; ++t) {
+                const std::vector<float> & lp = sctx->of_seq(tok_seq[t]).layer_params;
+                for (int64_t il = 0; il < n_layer && !lp.empty(); ++il) {
+                    std::copy_n(lp.data() + il*GGML_SPARSE_N_PARAMS, GGML_SPARSE_N_PARAMS,
+                            data.data() + (il*n_tokens + t)*GGML_SPARSE_N_PARAMS);
+                }
+            }
+            ggml_backend_tensor_set(params, data.data(), 0, ggml_nbytes(params));
         }
     }
 
-    // a new level only changes the params values; a new mode or statistics need a new graph
+    // new levels only change the params values; a new mode or statistics need a new graph
     bool can_reuse(const llm_graph_params & gparams) override {
-        return gparams.cparams.sparse == sctx && sctx->structure == structure;
+        return gparams.cparams.sparse == sctx && sctx->structure == structure && sctx->graph_mode(gparams.ubatch) == mode;
     }
 
     const std::shared_ptr<llama_sparse_context> sctx;
     const uint64_t structure;
+    const llama_sparse_mode mode; // the mode the graph computes in
 
-    ggml_tensor * params = nullptr; // F32 [GGML_SPARSE_N_PARAMS, n_layer] (sparse modes)
+    ggml_tensor * params = nullptr; // F32 [GGML_SPARSE_N_PARAMS, n_tokens, n_layer] (sparse modes)
 
-    // statistics, per layer: rows of gate, up and down read (null: every row), and tokens
+    // statistics, per layer: rows of gate, up and down read per token (null: every row)
     struct layer_counts {
         int il;
         ggml_tensor * rows[3];
         int64_t n_tokens;
     };
     std::vector<layer_counts> counts;
+
+    // of the last ubatch: each token's (first) sequence, and the tokens that are outputs
+    std::vector<llama_seq_id> tok_seq;
+    std::vector<int32_t> out_tok;
 };
 
 static llm_graph_input_sparse * llama_sparse_graph_input(const llm_graph_context & gctx) {
@@ -268,14 +291,33 @@ static llm_graph_input_sparse * llama_sparse_graph_input(const llm_graph_context
             return s;
         }
     }
-    GGML_ASSERT(gctx.cparams.sparse != nullptr);
-    auto inp = std::make_unique<llm_graph_input_sparse>(gctx.cparams.sparse);
-    if (gctx.cparams.sparse->params.mode != LLAMA_SPARSE_MODE_OFF) {
-        inp->params = ggml_new_tensor_2d(gctx.ctx0, GGML_TYPE_F32, GGML_SPARSE_N_PARAMS, gctx.hparams.n_layer_all);
+    const auto & sctx = gctx.cparams.sparse;
+    GGML_ASSERT(sctx != nullptr);
+    auto inp = std::make_unique<llm_graph_input_sparse>(sctx, sctx->graph_mode(gctx.ubatch));
+    if (inp->mode != LLAMA_SPARSE_MODE_OFF) {
+        inp->params = ggml_new_tensor_3d(gctx.ctx0, GGML_TYPE_F32, GGML_SPARSE_N_PARAMS, gctx.n_tokens, gctx.hparams.n_layer_all);
         ggml_set_name(inp->params, "sparse_params");
         ggml_set_input(inp->params);
     }
     return (llm_graph_input_sparse *) gctx.res->add_input(std::move(inp));
+}
+
+// layer il's params for the tokens of cur: all of the ubatch's, or (last layer) only the outputs
+static ggml_tensor * llama_sparse_layer_params(const llm_graph_context & gctx, const llm_graph_input_sparse & inp,
+        const ggml_tensor * cur, int il) {
+    const int64_t n_tokens = inp.params->ne[1];
+    ggml_tensor * p = ggml_view_2d(gctx.ctx0, inp.params, GGML_SPARSE_N_PARAMS, n_tokens,
+            inp.params->nb[1], il*inp.params->nb[2]);
+    if (cur->ne[1] == n_tokens) {
+        return p;
+    }
+    for (const auto & in : gctx.res->inputs) {
+        if (const auto * out = dynamic_cast<const llm_graph_input_out_ids *>(in.get())) {
+            GGML_ASSERT(out->out_ids->ne[0] == cur->ne[1]);
+            return ggml_get_rows(gctx.ctx0, p, out->out_ids);
+        }
+    }
+    GGML_ABORT("llama-sparse: FFN of %lld tokens in a ubatch of %lld without output ids", (long long) cur->ne[1], (long long) n_tokens);
 }
 
 // the FFN activation: the architecture's, unless the file declares a ReLU-family one
@@ -299,9 +341,9 @@ static ggml_tensor * llama_sparse_act(ggml_context * ctx, ggml_tensor * g, llm_f
     }
 }
 
-// rows of a [n_ff, n_tokens] mask or masked value tensor that are read: its nonzeros
+// rows of a [n_ff, n_tokens] mask or masked value tensor that are read per token: its nonzeros, [1, n_tokens]
 static ggml_tensor * llama_sparse_count_nonzero(ggml_context * ctx, ggml_tensor * t, bool is_01) {
-    return ggml_sum(ctx, is_01 ? t : ggml_step(ctx, ggml_abs(ctx, t)));
+    return ggml_sum_rows(ctx, is_01 ? t : ggml_step(ctx, ggml_abs(ctx, t)));
 }
 
 ggml_tensor * llama_sparse_build_ffn(
@@ -322,7 +364,7 @@ ggml_tensor * llama_sparse_build_ffn(
     llm_graph_input_sparse * inp = llama_sparse_graph_input(gctx);
 
     ggml_tensor * h;
-    if (sctx->params.mode == LLAMA_SPARSE_MODE_OFF) {
+    if (inp->mode == LLAMA_SPARSE_MODE_OFF) {
         // h = act(gate.x) * (up.x), exactly as upstream computes it: build_ffn without a down projection
         h = gctx.build_ffn(cur,
                 layer.ffn_up,   layer.ffn_up_b,   layer.ffn_up_s,
@@ -335,9 +377,9 @@ ggml_tensor * llama_sparse_build_ffn(
         // products; a large one computes gate and up densely and applies the same masks, so every
         // token gets the same result either way.
         const bool skip    = cur->ne[1] <= LLAMA_SPARSE_MAX_SKIP_TOKENS;
-        const bool predict = sctx->params.mode == LLAMA_SPARSE_MODE_PREDICT;
+        const bool predict = inp->mode == LLAMA_SPARSE_MODE_PREDICT;
 
-        ggml_tensor * p = ggml_view_1d(ctx0, inp->params, GGML_SPARSE_N_PARAMS, il*GGML_SPARSE_N_PARAMS*sizeof(float));
+        ggml_tensor * p = llama_sparse_layer_params(gctx, *inp, cur, il);
 
         // point 1: the sign-bit predictor
         ggml_tensor * m = predict ? ggml_sparse_predict(ctx0, layer.ffn_gate_sign, cur, p) : nullptr;
@@ -411,22 +453,37 @@ void llama_sparse_graph_done(llm_graph_result * res, ggml_backend_sched_t sched)
 
         llama_sparse_context & sctx = *inp->sctx;
         const llama_sparse_model & m = *sctx.model;
-        sctx.bytes_read.resize(m.n_layer, 0.0);
-        sctx.bytes_total.resize(m.n_layer, 0.0);
+        sctx.layer_counts.resize(m.n_layer);
+        std::vector<float> rows;
         for (const auto & c : inp->counts) {
-            const double dense = (double) m.n_ff[c.il] * c.n_tokens;
-            double bytes = 0.0;
+            const auto & rb = m.row_bytes[c.il];
+            const double dense = (double) m.n_ff[c.il] * (rb[0] + rb[1] + rb[2]);
+            // bytes read per token of this layer: gate, up and down rows
+            std::vector<double> bytes(c.n_tokens, 0.0);
             for (int k = 0; k < 3; ++k) {
-                float rows = (float) dense;
+                rows.assign(c.n_tokens, (float) m.n_ff[c.il]);
                 if (c.rows[k]) {
-                    ggml_backend_tensor_get(c.rows[k], &rows, 0, sizeof(rows));
+                    ggml_backend_tensor_get(c.rows[k], rows.data(), 0, c.n_tokens*sizeof(float));
                 }
-                bytes += rows * m.row_bytes[c.il][k];
+                for (int64_t t = 0; t < c.n_tokens; ++t) {
+                    bytes[t] += rows[t] * rb[k];
+                }
             }
-            sctx.bytes_read[c.il]  += bytes;
-            sctx.bytes_total[c.il] += dense * (m.row_bytes[c.il][0] + m.row_bytes[c.il][1] + m.row_bytes[c.il][2]);
+            // the last layer may compute only the output tokens
+            const bool all = c.n_tokens == (int64_t) inp->tok_seq.size();
+            GGML_ASSERT(all || c.n_tokens == (int64_t) inp->out_tok.size());
+            for (int64_t t = 0; t < c.n_tokens; ++t) {
+                llama_sparse_counts & s = sctx.seq_counts[inp->tok_seq[all ? t : inp->out_tok[t]]];
+                s.read  += bytes[t];
+                s.total += dense;
+                if (c.il == inp->counts.front().il) {
+                    s.n_tokens += 1;
+                }
+                sctx.layer_counts[c.il].read  += bytes[t];
+                sctx.layer_counts[c.il].total += dense;
+            }
         }
-        // the last layer may compute only the output tokens: count the batch once, by its first layer
+        // count the batch once, by its first layer
         sctx.n_tokens += inp->counts.front().n_tokens;
     }
 }

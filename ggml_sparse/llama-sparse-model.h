@@ -10,6 +10,7 @@
 #include "llama-graph.h"
 #include "llama-sparse.h"
 
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -51,19 +52,41 @@ struct llama_sparse_model {
     }
 };
 
+// settings resolved for the model: mode auto resolved, the params tensor values
+struct llama_sparse_settings {
+    llama_sparse_params params;
+    std::vector<float> layer_params; // [n_layer * GGML_SPARSE_N_PARAMS] from the table (empty in mode off)
+};
+
+// FFN weight bytes read and the bytes a dense FFN reads
+struct llama_sparse_counts {
+    double read     = 0.0;
+    double total    = 0.0;
+    double n_tokens = 0.0;
+};
+
 // the sparsity settings and statistics of one llama_context (cparams.sparse)
 struct llama_sparse_context {
     std::shared_ptr<const llama_sparse_model> model; // null for a dense model
 
-    llama_sparse_params params;
-    std::vector<float> layer_params; // [n_layer * GGML_SPARSE_N_PARAMS] resolved from the table
-    bool stats = false;
-    uint64_t structure = 0; // changes whenever the graph has to be rebuilt
+    llama_sparse_settings settings;                         // the context's
+    std::map<llama_seq_id, llama_sparse_settings> seq_settings; // sequences that override them
 
-    // statistics since the last reset, per layer
-    std::vector<double> bytes_read;
-    std::vector<double> bytes_total;
+    bool stats = false;
+    uint64_t structure = 0; // changes whenever statistics are switched, which needs a new graph
+
+    // statistics since the last reset: per layer, and per sequence
+    std::vector<llama_sparse_counts> layer_counts;
+    std::map<llama_seq_id, llama_sparse_counts> seq_counts;
     double n_tokens = 0;
+
+    const llama_sparse_settings & of_seq(llama_seq_id seq_id) const {
+        const auto it = seq_settings.find(seq_id);
+        return it == seq_settings.end() ? settings : it->second;
+    }
+
+    // the mode a ubatch is computed in: the highest of its sequences' modes
+    llama_sparse_mode graph_mode(const llama_ubatch & ubatch) const;
 };
 
 // whether the model being loaded is a sparse GGUF (it has `sparse.format_version`)

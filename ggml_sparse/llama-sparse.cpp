@@ -9,6 +9,7 @@
 #include "llama-impl.h"
 #include "llama-model.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -189,9 +190,11 @@ static std::vector<float> llama_sparse_resolve(const llama_sparse_model * m, con
     return out;
 }
 
-int32_t llama_sparse_check(const struct llama_model * model, struct llama_sparse_params params, char * err, size_t err_size) {
+// runs f, or puts the message of the std::exception it throws into err and returns -1
+template <typename F>
+static int32_t llama_sparse_try(F && f, char * err, size_t err_size) {
     try {
-        llama_sparse_resolve(model->sparse.get(), params);
+        f();
         return 0;
     } catch (const std::exception & e) {
         if (err != nullptr && err_size > 0) {
@@ -201,44 +204,63 @@ int32_t llama_sparse_check(const struct llama_model * model, struct llama_sparse
     }
 }
 
-// apply valid settings p to sctx
-static void llama_sparse_apply(llama_sparse_context & sctx, const llama_sparse_params & p) {
-    std::vector<float> lp = llama_sparse_resolve(sctx.model.get(), p);
-    llama_sparse_params resolved = p;
-    resolved.mode = llama_sparse_resolve_mode(sctx.model.get(), p);
-    if (resolved.mode != sctx.params.mode) {
-        sctx.structure++;
+int32_t llama_sparse_check(const struct llama_model * model, struct llama_sparse_params params, char * err, size_t err_size) {
+    return llama_sparse_try([&] { llama_sparse_resolve(model->sparse.get(), params); }, err, err_size);
+}
+
+// valid settings p resolved for the model, or throws std::runtime_error saying why p is invalid
+static llama_sparse_settings llama_sparse_settings_of(const llama_sparse_model * m, const llama_sparse_params & p) {
+    llama_sparse_settings s;
+    s.layer_params = llama_sparse_resolve(m, p);
+    s.params       = p;
+    s.params.mode  = llama_sparse_resolve_mode(m, p);
+    return s;
+}
+
+llama_sparse_mode llama_sparse_context::graph_mode(const llama_ubatch & ubatch) const {
+    llama_sparse_mode mode = settings.params.mode;
+    if (seq_settings.empty() || ubatch.seq_id == nullptr) {
+        return mode;
     }
-    sctx.params       = resolved;
-    sctx.layer_params = std::move(lp);
+    for (uint32_t i = 0; i < ubatch.n_tokens; ++i) {
+        for (int32_t s = 0; s < ubatch.n_seq_id[i]; ++s) {
+            mode = std::max(mode, of_seq(ubatch.seq_id[i][s]).params.mode);
+        }
+    }
+    return mode;
 }
 
 std::shared_ptr<llama_sparse_context> llama_sparse_context_init(const llama_model & model) {
     auto sctx = std::make_shared<llama_sparse_context>();
     sctx->model = model.sparse;
-    sctx->params = { LLAMA_SPARSE_MODE_OFF, 0.0f, 1.0f };
-    llama_sparse_apply(*sctx, llama_sparse_default_params());
-    if (sctx->params.mode != LLAMA_SPARSE_MODE_OFF) {
-        LLAMA_LOG_INFO("%s: sparse mode %s, level %g, alpha %g\n", __func__,
-                llama_sparse_mode_name(sctx->params.mode), sctx->params.level, sctx->params.alpha);
+    sctx->settings = llama_sparse_settings_of(sctx->model.get(), llama_sparse_default_params());
+    const llama_sparse_params & p = sctx->settings.params;
+    if (p.mode != LLAMA_SPARSE_MODE_OFF) {
+        LLAMA_LOG_INFO("%s: sparse mode %s, level %g, alpha %g\n", __func__, llama_sparse_mode_name(p.mode), p.level, p.alpha);
     }
     return sctx;
 }
 
 int32_t llama_sparse_set(struct llama_context * ctx, struct llama_sparse_params params, char * err, size_t err_size) {
-    try {
-        llama_sparse_apply(*ctx->get_cparams().sparse, params);
-        return 0;
-    } catch (const std::exception & e) {
-        if (err != nullptr && err_size > 0) {
-            snprintf(err, err_size, "%s", e.what());
-        }
-        return -1;
-    }
+    llama_sparse_context & sctx = *ctx->get_cparams().sparse;
+    return llama_sparse_try([&] { sctx.settings = llama_sparse_settings_of(sctx.model.get(), params); }, err, err_size);
 }
 
 struct llama_sparse_params llama_sparse_get(const struct llama_context * ctx) {
-    return ctx->get_cparams().sparse->params;
+    return ctx->get_cparams().sparse->settings.params;
+}
+
+int32_t llama_sparse_set_seq(struct llama_context * ctx, llama_seq_id seq_id, const struct llama_sparse_params * params, char * err, size_t err_size) {
+    llama_sparse_context & sctx = *ctx->get_cparams().sparse;
+    if (params == nullptr) {
+        sctx.seq_settings.erase(seq_id);
+        return 0;
+    }
+    return llama_sparse_try([&] { sctx.seq_settings[seq_id] = llama_sparse_settings_of(sctx.model.get(), *params); }, err, err_size);
+}
+
+struct llama_sparse_params llama_sparse_get_seq(const struct llama_context * ctx, llama_seq_id seq_id) {
+    return ctx->get_cparams().sparse->of_seq(seq_id).params;
 }
 
 void llama_sparse_set_stats(struct llama_context * ctx, bool enable) {
@@ -251,25 +273,42 @@ void llama_sparse_set_stats(struct llama_context * ctx, bool enable) {
 
 void llama_sparse_stats_reset(struct llama_context * ctx) {
     llama_sparse_context & sctx = *ctx->get_cparams().sparse;
-    sctx.bytes_read.clear();
-    sctx.bytes_total.clear();
+    sctx.layer_counts.clear();
+    sctx.seq_counts.clear();
     sctx.n_tokens = 0;
+}
+
+static float llama_sparse_skipped(const llama_sparse_counts & c) {
+    return c.total > 0 ? (float) (1.0 - c.read/c.total) : -1.0f;
 }
 
 float llama_sparse_stats(const struct llama_context * ctx, float * layer_sparsity, int32_t n_layer) {
     const llama_sparse_context & sctx = *ctx->get_cparams().sparse;
-    double read = 0.0;
-    double total = 0.0;
-    for (size_t il = 0; il < sctx.bytes_total.size(); ++il) {
-        read  += sctx.bytes_read[il];
-        total += sctx.bytes_total[il];
+    llama_sparse_counts all;
+    for (size_t il = 0; il < sctx.layer_counts.size(); ++il) {
+        all.read  += sctx.layer_counts[il].read;
+        all.total += sctx.layer_counts[il].total;
         if (layer_sparsity != nullptr && (int32_t) il < n_layer) {
-            layer_sparsity[il] = sctx.bytes_total[il] > 0 ? (float) (1.0 - sctx.bytes_read[il]/sctx.bytes_total[il]) : -1.0f;
+            layer_sparsity[il] = llama_sparse_skipped(sctx.layer_counts[il]);
         }
     }
-    return total > 0 ? (float) (1.0 - read/total) : -1.0f;
+    return llama_sparse_skipped(all);
 }
 
 double llama_sparse_stats_tokens(const struct llama_context * ctx) {
     return ctx->get_cparams().sparse->n_tokens;
+}
+
+float llama_sparse_seq_stats(const struct llama_context * ctx, llama_seq_id seq_id, double * n_tokens) {
+    const llama_sparse_context & sctx = *ctx->get_cparams().sparse;
+    const auto it = sctx.seq_counts.find(seq_id);
+    const llama_sparse_counts c = it == sctx.seq_counts.end() ? llama_sparse_counts{} : it->second;
+    if (n_tokens != nullptr) {
+        *n_tokens = c.n_tokens;
+    }
+    return llama_sparse_skipped(c);
+}
+
+void llama_sparse_seq_stats_reset(struct llama_context * ctx, llama_seq_id seq_id) {
+    ctx->get_cparams().sparse->seq_counts.erase(seq_id);
 }

@@ -170,7 +170,8 @@ struct test_sparse_op : public test_case {
 };
 
 // a whole sparse FFN (predict, gate, mask after gate, up, mask after up, down),
-// compared node by node: the ops fed by each other's outputs
+// compared node by node: the ops fed by each other's outputs. With several
+// tokens each has its own params (sequences at different levels in one batch).
 struct test_sparse_ffn : public test_case {
     const ggml_type type;
     const int64_t   n_embd;
@@ -200,7 +201,7 @@ struct test_sparse_ffn : public test_case {
         ggml_tensor * sign   = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, (n_embd + 31)/32, n_ff);
         ggml_tensor * scale  = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, n_ff);
         ggml_tensor * x      = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_embd, n_tok);
-        ggml_tensor * params = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, GGML_SPARSE_N_PARAMS);
+        ggml_tensor * params = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, GGML_SPARSE_N_PARAMS, n_tok);
         ggml_set_name(sign, "sign");
         ggml_set_name(scale, "scale");
         ggml_set_name(params, "params");
@@ -228,7 +229,12 @@ struct test_sparse_ffn : public test_case {
             } else if (name == "scale") {
                 init_tensor_uniform(t, 0.0f, 1.0f);
             } else if (name == "params") {
-                sparse_test_set(t, {1.0f, 0.05f, 0.05f, 0.0f});
+                // token k: the predictor on every other token, thresholds growing with k
+                std::vector<float> p;
+                for (int64_t k = 0; k < n_tok; ++k) {
+                    p.insert(p.end(), { k % 2 ? 0.0f : 1.0f, 0.02f + 0.03f*k, 0.02f + 0.03f*k, 0.0f });
+                }
+                sparse_test_set(t, p);
             } else {
                 init_tensor_uniform(t);
             }
@@ -266,6 +272,16 @@ static void make_test_cases_sparse(std::vector<std::unique_ptr<test_case>> & tes
     }
     for (ggml_type type : types) {
         test_cases.emplace_back(new test_sparse_op(GGML_OP_SPARSE_MUL_MAT, type, 256, 1000, 3, 0.0f, false));
+    }
+    // rows that are not a whole number of SPARSE_DOWN tiles (GGML_SPARSE_DOWN_TILE, ggml-sparse-common.h)
+    // nor of CUDA row blocks: SmolLM2's width for the 32-value blocks, an odd one for the float types
+    for (ggml_type type : types) {
+        for (int64_t n_embd : { 576, 583 }) {
+            if (n_embd % ggml_blck_size(type) == 0) {
+                test_cases.emplace_back(new test_sparse_op(GGML_OP_SPARSE_MUL_MAT, type, n_embd, 301, 3, 0.5f));
+                test_cases.emplace_back(new test_sparse_op(GGML_OP_SPARSE_DOWN,    type, n_embd, 301, 3, 0.5f));
+            }
+        }
     }
     // predictor on widths that are not whole words
     for (int64_t n_embd : { 576, 583, 640 }) {

@@ -176,16 +176,23 @@ def reachable(model: Path) -> dict[str, list[float]]:
     }
 
 
+def sparse_model(dense: Path, threads: int | None = None) -> Path:
+    """The sparse GGUF of `dense`, converted with the default options the first time and
+    cached beside the known models (scripts/bench_server.py serves it too)."""
+    sparse = models.model_dir() / "sparse" / f"{dense.stem}.sparse.gguf"
+    if not sparse.exists():
+        sparse.parent.mkdir(parents=True, exist_ok=True)
+        convert(dense, sparse, threads=threads)
+    return sparse
+
+
 def prepare(args: argparse.Namespace, tmp: Path) -> list[ModelRun]:
     cache = models.model_dir() / "sparse"
     cache.mkdir(parents=True, exist_ok=True)
     runs = []
     for name in args.models:
         dense = models.resolve(name)
-        sparse = cache / f"{dense.stem}.sparse.gguf"
-        if not sparse.exists():
-            convert(dense, sparse, threads=args.threads)
-        runs.append(ModelRun(name, dense, sparse, synthetic=False))
+        runs.append(ModelRun(name, dense, sparse_model(dense, args.threads), synthetic=False))
     for qt in args.synthetic:
         dense = cache / f"synthetic-7b-{args.syn_layers}l-{qt}.gguf"
         sparse = cache / f"synthetic-7b-{args.syn_layers}l-{qt}.sparse.gguf"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import pty
 import re
 import subprocess
 import sysconfig
@@ -13,18 +15,31 @@ import pytest
 LICENSE_TEXT = Path("/usr/share/common-licenses/GPL-3")
 
 
-def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def script(name: str) -> Path:
     # the console script pip installed (a pyenv shim may not exist until `pyenv rehash`)
-    exe = Path(sysconfig.get_path("scripts")) / "llama-sparse"
+    exe = Path(sysconfig.get_path("scripts")) / name
     assert exe.is_file(), f"{exe} does not exist: install the package first"
-    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout)
+    return exe
+
+
+def cli(
+    *args: str, timeout: float = 300, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(script("llama-sparse")), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_help_lists_commands() -> None:
     proc = cli("--help")
     assert proc.returncode == 0
-    for cmd in ("run", "models", "server", "bench", "perplexity"):
-        assert cmd in proc.stdout
+    commands = re.findall(r"^    (\S+)", proc.stdout, re.MULTILINE)
+    for cmd in ("chat", "run", "convert", "inspect", "server", "bench", "perplexity", "models"):
+        assert cmd in commands, proc.stdout
 
 
 def test_models_lists_and_fetches_default(smollm2: Path) -> None:
@@ -73,6 +88,78 @@ def test_launchers_run_bundled_tools() -> None:
         proc = cli(cmd, "--help")
         assert proc.returncode == 0, (cmd, proc.stderr)
         assert expect in proc.stdout + proc.stderr, cmd
+    # llama-sparse-server is `llama-sparse server`: the bundled llama-server with our flags
+    proc = subprocess.run(
+        [str(script("llama-sparse-server")), "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "--port" in proc.stdout and "--sparsity" in proc.stdout
+
+
+# --- chat ---------------------------------------------------------------------------
+
+CHAT = ("-n", "24", "-t", "2", "--temp", "0")
+
+
+def test_chat_keeps_the_conversation(smollm2: Path) -> None:
+    first, second = "My name is Alice and I live in Paris.", "What is my name?"
+    one = cli("chat", *CHAT, stdin=f"{first}\n")
+    two = cli("chat", *CHAT, stdin=f"{first}\n{second}\n")
+    alone = cli("chat", *CHAT, stdin=f"{second}\n")
+    for proc in (one, two, alone):
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "> " not in proc.stdout[:2]  # no prompt when stdin is not a terminal
+    # greedy: the first reply is the same with or without a second message
+    assert one.stdout.strip() and two.stdout.startswith(one.stdout)
+    reply = two.stdout[len(one.stdout) :]
+    assert reply.strip()
+    # the second reply was written knowing the first exchange
+    assert reply != alone.stdout
+
+
+def test_chat_prompts_on_a_terminal_and_stops_at_exit(smollm2: Path) -> None:
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [str(script("llama-sparse")), "chat", "-n", "4", "-t", "2"],
+        stdin=terminal,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    os.close(terminal)
+    os.write(controller, b"Hello\n/exit\nnever read\n")
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        os.close(controller)
+    assert proc.returncode == 0, err[-2000:]
+    # a prompt before the message and one before /exit, and no reply after it
+    assert out.startswith("> ") and out.count("> ") == 2 and out.endswith("> "), out
+    assert out[2:-2].strip()
+
+
+def test_chat_sparsity_on_dense_model_is_one_clear_line(smollm2: Path) -> None:
+    proc = cli("chat", "--sparsity", "0.5", stdin="Hello\n")
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("llama-sparse: error: ") and "dense GGUF" in lines[0]
+    assert proc.stdout == ""
+
+
+def test_run_at_a_sparsity_level(sparse_smollm2: Path) -> None:
+    prompt = "The capital of France is"
+    dense = cli("run", "-m", str(sparse_smollm2), "-n", "24", "-t", "2", prompt)
+    sparse = cli("run", "-m", str(sparse_smollm2), "-n", "24", "-t", "2", "--sparsity", "0.5",
+                 prompt)  # fmt: skip
+    for proc in (dense, sparse):
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.startswith(prompt) and len(proc.stdout) > len(prompt) + 10
+    assert sparse.stdout != dense.stdout  # half the FFN skipped changes greedy text
+    bad = cli("run", "-m", str(sparse_smollm2), "--sparsity", "0.55", prompt)
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines() == [bad.stderr.strip()]
+    assert "not in this model's table" in bad.stderr
 
 
 def test_perplexity_launcher_on_real_text(smollm2: Path, tmp_path: Path) -> None:

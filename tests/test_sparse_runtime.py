@@ -3,6 +3,7 @@ model decoded in every mode (issue 4)."""
 
 from __future__ import annotations
 
+import ctypes
 import re
 import subprocess
 from pathlib import Path
@@ -152,6 +153,127 @@ def test_sparsity_changes_between_calls(sparse_smollm2: Path, tokens: list[int])
     np.testing.assert_array_equal(again, dense)
 
 
+# --- sequences at different settings in one batch (the server's per-request level) ---
+
+
+class SeqDecoder:
+    """A raw context with several sequences, decoded with llama_cpp's C API."""
+
+    def __init__(self, llm: Llama, n_seq: int) -> None:
+        from llama_sparse._binding import llama_cpp
+
+        self.c = llama_cpp
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx, params.n_batch, params.n_seq_max = 512, 512, n_seq
+        params.n_threads = params.n_threads_batch = 2
+        self.ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
+        self.n_vocab = llm.n_vocab()
+
+    def decode(self, seqs: dict[int, list[int]], start: dict[int, int]) -> dict[int, np.ndarray]:
+        """Decode each sequence's tokens (positions from start[seq]) in one batch;
+        the last logits of each."""
+        c = self.c
+        n = sum(len(t) for t in seqs.values())
+        batch = c.llama_batch_init(n, 0, 1)
+        last: dict[int, int] = {}
+        i = 0
+        for seq, toks in seqs.items():
+            for k, tok in enumerate(toks):
+                batch.token[i], batch.pos[i] = tok, start.get(seq, 0) + k
+                batch.n_seq_id[i], batch.seq_id[i][0] = 1, seq
+                batch.logits[i] = k == len(toks) - 1
+                if batch.logits[i]:
+                    last[seq] = i
+                i += 1
+        batch.n_tokens = n
+        assert c.llama_decode(self.ctx, batch) == 0
+        out = {
+            seq: np.ctypeslib.as_array(c.llama_get_logits_ith(self.ctx, j), (self.n_vocab,)).copy()
+            for seq, j in last.items()
+        }
+        c.llama_batch_free(batch)
+        return out
+
+    def clear(self) -> None:
+        self.c.llama_memory_clear(self.c.llama_get_memory(self.ctx), True)
+
+    def set_seq(self, seq: int, level: float | None) -> None:
+        from llama_sparse import _binding as b
+
+        p = None if level is None else b.llama_sparse_params(b.LLAMA_SPARSE_MODE_AUTO, level, 1.0)
+        err = ctypes.create_string_buffer(256)
+        ref = None if p is None else ctypes.byref(p)
+        assert b.llama_sparse_set_seq(self.ctx, seq, ref, err, len(err)) == 0, err.value
+
+    def close(self) -> None:
+        self.c.llama_free(self.ctx)
+
+
+def test_sequences_at_different_levels_share_a_batch(sparse_smollm2: Path) -> None:
+    """Three sequences (level 0.5, level 0.1, the context's: dense) decoded in
+    one batch, the prompt (dense products, per-token masks) and then one token
+    each (skipping kernels): each gets the logits it gets when decoded alone,
+    up to the difference upstream itself makes between a sequence decoded
+    alone and in a batch (kernels chosen by batch size, which thresholds
+    amplify a little), far from what its level changes, and its own statistics."""
+    from llama_sparse import _binding as b
+
+    llm = open_llama(sparse_smollm2)
+    prompts = [
+        llm.tokenize(PROMPT.encode()),
+        llm.tokenize(b"Rivers carry water from the mountains to the sea, and along the way"),
+        llm.tokenize(b"In mathematics, a prime number is a natural number greater than one that"),
+    ]
+    nxt = {0: [llm.tokenize(b" the")[-1]], 1: [llm.tokenize(b" they")[-1]], 2: [262]}
+    after = {s: len(p) for s, p in enumerate(prompts)}
+    d = SeqDecoder(llm, 3)
+    b.llama_sparse_set_stats(d.ctx, True)
+
+    def logits(levels: dict[int, float | None], together: bool) -> dict[int, list[np.ndarray]]:
+        """[prompt, next token] last logits of each sequence, at its level"""
+        groups = [list(levels)] if together else [[s] for s in levels]
+        out: dict[int, list[np.ndarray]] = {}
+        for group in groups:
+            d.clear()
+            b.llama_sparse_stats_reset(d.ctx)
+            for s in group:
+                d.set_seq(s, levels[s])
+            first = d.decode({s: prompts[s] for s in group}, {})
+            second = d.decode({s: nxt[s] for s in group}, after)
+            out.update({s: [first[s], second[s]] for s in group})
+        return out
+
+    try:
+        dense = {0: None, 1: None, 2: None}
+        noise = [logits(dense, False), logits(dense, True)]
+        levels = {0: 0.5, 1: 0.1, 2: None}
+        alone = logits(levels, False)
+        together = logits(levels, True)  # its statistics stay in d.ctx
+        for seq in levels:
+            for step in range(2):
+                # upstream's own alone-vs-batched difference, and how far the level moves the logits
+                upstream = np.abs(noise[0][seq][step] - noise[1][seq][step]).mean()
+                effect = np.abs(alone[seq][step] - noise[0][seq][step]).mean()
+                diff = np.abs(together[seq][step] - alone[seq][step]).mean()
+                bound = 3 * upstream + 0.1 * effect + 0.01
+                assert diff <= bound, (seq, step, diff, upstream, effect)
+                if levels[seq] is not None:  # its own level, not a neighbour's
+                    assert effect > 0.1 and diff < 0.3 * effect, (seq, step, diff, effect)
+
+        achieved = {}
+        for seq in levels:
+            n = ctypes.c_double()
+            achieved[seq] = b.llama_sparse_seq_stats(d.ctx, seq, ctypes.byref(n))
+            assert n.value == len(prompts[seq]) + 1, (seq, n.value)
+        assert achieved[0] > achieved[1] + 0.2, achieved
+        assert 0.0 <= achieved[2] < 0.01, achieved  # dense: only exact zeros skipped
+        assert abs(achieved[0] - 0.5) < 0.15 and abs(achieved[1] - 0.1) < 0.1, achieved
+        assert b.llama_sparse_get_seq(d.ctx, 0).level == pytest.approx(0.5)
+        assert b.llama_sparse_get_seq(d.ctx, 2).mode == b.LLAMA_SPARSE_MODE_OFF
+    finally:
+        d.close()
+
+
 def test_cli_flags(sparse_smollm2: Path) -> None:
     def complete(*flags: str) -> subprocess.CompletedProcess[str]:
         args = ["-p", "The capital of France is", "-n", "8", "-t", "2", "--temp", "0", "-no-cnv"]
@@ -233,9 +355,26 @@ def test_relu_zeros_are_skipped_exactly(relu_model: Path, tokens: list[int]) -> 
 # --- RPC ------------------------------------------------------------------------
 
 
+def offloaded_bytes(path: Path, ngl: int) -> int:
+    """What llama.cpp puts on the device with -ngl ngl: the last ngl - 1 layers,
+    every tensor of them (the sparse ones included), and the output layer."""
+    import gguf
+
+    r = gguf.GGUFReader(path)
+    n_layer = int(r.fields["llama.block_count"].parts[-1][0])
+    sizes = {t.name: int(t.n_bytes) for t in r.tensors}
+    on_device = [f"blk.{il}." for il in range(n_layer + 1 - ngl, n_layer)]
+    layers = sum(n for name, n in sizes.items() if name.startswith(tuple(on_device)))
+    output = sizes.get("output.weight", sizes["token_embd.weight"])  # tied: a copy of token_embd
+    return layers + output + sizes["output_norm.weight"]
+
+
 def test_rpc_loopback_gives_the_same_tokens(sparse_smollm2: Path) -> None:
     """The sparse ops go through ggml's RPC backend: a model offloaded to an
-    rpc-server on loopback decodes the same tokens as locally."""
+    rpc-server on loopback, whole or in part (a mixed split: sparse layers on
+    both backends), decodes the same tokens as locally, and a partly offloaded
+    layer's sparse tensors go to the device with it (the device's model buffer
+    holds exactly the offloaded layers' tensors)."""
     import socket
     import time
 
@@ -257,8 +396,8 @@ def test_rpc_loopback_gives_the_same_tokens(sparse_smollm2: Path) -> None:
                 assert time.monotonic() < deadline, "rpc-server did not start"
                 time.sleep(0.2)
 
-        def complete(*flags: str) -> str:
-            args = ["-p", PROMPT, "-n", "24", "-t", "2", "--temp", "0", "-no-cnv"]
+        def complete(*flags: str) -> tuple[str, str]:
+            args = ["-p", PROMPT, "-n", "24", "-t", "2", "--temp", "0", "-no-cnv", "-lv", "4"]
             args += ["--sparsity", "0.5"]
             proc = subprocess.run(
                 [str(bin_dir() / "llama-completion"), "-m", str(sparse_smollm2), *args, *flags],
@@ -267,12 +406,18 @@ def test_rpc_loopback_gives_the_same_tokens(sparse_smollm2: Path) -> None:
                 timeout=300,
             )
             assert proc.returncode == 0, proc.stderr[-3000:]
-            return proc.stdout
+            return proc.stdout, proc.stderr
 
-        local = complete()
-        remote = complete("--rpc", f"127.0.0.1:{port}", "-ngl", "99")
+        local, _ = complete()
         assert len(local) > len(PROMPT) + 20
-        assert remote == local
+        for ngl in (99, 10):
+            remote, log = complete("--rpc", f"127.0.0.1:{port}", "-ngl", str(ngl))
+            assert remote == local, ngl
+            if ngl == 10:
+                m = re.search(r"RPC0\[[^\]]*\] model buffer size = +([\d.]+) MiB", log)
+                assert m, log[-3000:]
+                expect = offloaded_bytes(sparse_smollm2, ngl) / 2**20
+                assert abs(float(m.group(1)) - expect) < 0.02, (m.group(1), expect)
     finally:
         server.terminate()
         server.wait(timeout=30)

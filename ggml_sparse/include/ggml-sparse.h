@@ -18,6 +18,10 @@
 //   params[1]  threshold of mask point 2 (after the gate)
 //   params[2]  threshold of mask point 3 (after up)
 //
+// params is [GGML_SPARSE_N_PARAMS, 1] (the same for every token) or
+// [GGML_SPARSE_N_PARAMS, n_tokens] (column t for token t: sequences decoded in
+// one batch at different levels), with contiguous columns.
+//
 // Every op has a fast CPU kernel and a dense-then-masked reference
 // (ggml_sparse/ggml-sparse-cpu.cpp); test-backend-ops compares the two on
 // the CPU backend and every other backend against the reference.

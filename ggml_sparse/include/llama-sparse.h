@@ -69,6 +69,19 @@ extern "C" {
     // The context's settings, with mode auto resolved.
     LLAMA_API struct llama_sparse_params llama_sparse_get(const struct llama_context * ctx);
 
+    // Settings for the tokens of sequence seq_id alone (one server request,
+    // say) instead of the context's; NULL returns the sequence to the
+    // context's. 0 or -1 as llama_sparse_check, and on -1 nothing changes.
+    // Sequences at different settings can share a batch: the ops take
+    // per-token thresholds, and a batch is computed in the highest mode among
+    // its sequences (off < threshold < predict), where a sequence in a lower
+    // mode runs without the predictor, or, for mode off, skips only exact
+    // zeros (the dense result within rounding).
+    LLAMA_API int32_t llama_sparse_set_seq(struct llama_context * ctx, llama_seq_id seq_id, const struct llama_sparse_params * params, char * err, size_t err_size);
+
+    // The settings sequence seq_id runs with, with mode auto resolved.
+    LLAMA_API struct llama_sparse_params llama_sparse_get_seq(const struct llama_context * ctx, llama_seq_id seq_id);
+
     // Statistics: when enabled, every decode adds the FFN weight bytes it read
     // and would have read densely, per layer. Enabling costs a few small ops
     // per layer.
@@ -83,6 +96,12 @@ extern "C" {
 
     // Tokens counted since the last reset.
     LLAMA_API double llama_sparse_stats_tokens(const struct llama_context * ctx);
+
+    // Achieved sparsity of the tokens of sequence seq_id since its last reset
+    // (or llama_sparse_stats_reset), -1 when nothing was counted; n_tokens
+    // (may be NULL) gets the tokens counted.
+    LLAMA_API float llama_sparse_seq_stats(const struct llama_context * ctx, llama_seq_id seq_id, double * n_tokens);
+    LLAMA_API void  llama_sparse_seq_stats_reset(struct llama_context * ctx, llama_seq_id seq_id);
 
 #ifdef __cplusplus
 }

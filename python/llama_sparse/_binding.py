@@ -206,3 +206,57 @@ def llama_sparse_stats(
 # LLAMA_API double llama_sparse_stats_tokens(const struct llama_context * ctx);
 @ctypes_function("llama_sparse_stats_tokens", [llama_cpp.llama_context_p_ctypes], ctypes.c_double)
 def llama_sparse_stats_tokens(ctx: llama_cpp.llama_context_p, /) -> float: ...
+
+
+# LLAMA_API int32_t llama_sparse_set_seq(
+#     struct llama_context * ctx, llama_seq_id seq_id, const struct llama_sparse_params * params,
+#     char * err, size_t err_size);
+@ctypes_function(
+    "llama_sparse_set_seq",
+    [
+        llama_cpp.llama_context_p_ctypes,
+        ctypes.c_int32,
+        ctypes.POINTER(llama_sparse_params),
+        ctypes.c_char_p,
+        ctypes.c_size_t,
+    ],
+    ctypes.c_int32,
+)
+def llama_sparse_set_seq(
+    ctx: llama_cpp.llama_context_p,
+    seq_id: int,
+    params: ctypes._Pointer[llama_sparse_params] | None,
+    err: ctypes.Array[ctypes.c_char] | None,
+    err_size: int,
+    /,
+) -> int: ...
+
+
+# LLAMA_API struct llama_sparse_params llama_sparse_get_seq(
+#     const struct llama_context * ctx, llama_seq_id seq_id);
+@ctypes_function(
+    "llama_sparse_get_seq", [llama_cpp.llama_context_p_ctypes, ctypes.c_int32], llama_sparse_params
+)
+def llama_sparse_get_seq(ctx: llama_cpp.llama_context_p, seq_id: int, /) -> llama_sparse_params: ...
+
+
+# LLAMA_API float llama_sparse_seq_stats(
+#     const struct llama_context * ctx, llama_seq_id seq_id, double * n_tokens);
+@ctypes_function(
+    "llama_sparse_seq_stats",
+    [llama_cpp.llama_context_p_ctypes, ctypes.c_int32, ctypes.POINTER(ctypes.c_double)],
+    ctypes.c_float,
+)
+def llama_sparse_seq_stats(
+    ctx: llama_cpp.llama_context_p,
+    seq_id: int,
+    n_tokens: ctypes._Pointer[ctypes.c_double] | None,
+    /,
+) -> float: ...
+
+
+# LLAMA_API void llama_sparse_seq_stats_reset(struct llama_context * ctx, llama_seq_id seq_id);
+@ctypes_function(
+    "llama_sparse_seq_stats_reset", [llama_cpp.llama_context_p_ctypes, ctypes.c_int32], None
+)
+def llama_sparse_seq_stats_reset(ctx: llama_cpp.llama_context_p, seq_id: int, /) -> None: ...

