@@ -12,6 +12,7 @@
 #include "ggml-sparse-cuda.cuh"
 
 #include "ggml-sparse-common.h"
+#include "ggml-sparse-cuda-support.h"
 #include "ggml-sparse.h"
 
 #include "ggml-cuda/dequantize.cuh"
@@ -99,45 +100,41 @@ static void sparse_predict(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
 
 typedef float (*sparse_vec_dot_t)(const void * __restrict__ vbq, const block_q8_1 * __restrict__ bq8_1, const int & kbx, const int & iqs);
 
-// the dot product and quants per call of a type, as mmvq uses them; nullptr / 0 where there is none
+// the dot product and quants per call of a type, as mmvq uses them; nullptr / 0 for other types
 static constexpr __device__ sparse_vec_dot_t sparse_vec_dot(ggml_type type) {
     switch (type) {
-        case GGML_TYPE_Q4_0:    return vec_dot_q4_0_q8_1;
-        case GGML_TYPE_Q4_1:    return vec_dot_q4_1_q8_1;
-        case GGML_TYPE_Q5_0:    return vec_dot_q5_0_q8_1;
-        case GGML_TYPE_Q5_1:    return vec_dot_q5_1_q8_1;
-        case GGML_TYPE_Q8_0:    return vec_dot_q8_0_q8_1;
-        case GGML_TYPE_Q2_K:    return vec_dot_q2_K_q8_1;
-        case GGML_TYPE_Q3_K:    return vec_dot_q3_K_q8_1;
-        case GGML_TYPE_Q4_K:    return vec_dot_q4_K_q8_1;
-        case GGML_TYPE_Q5_K:    return vec_dot_q5_K_q8_1;
-        case GGML_TYPE_Q6_K:    return vec_dot_q6_K_q8_1;
-        case GGML_TYPE_IQ4_NL:  return vec_dot_iq4_nl_q8_1;
-        case GGML_TYPE_IQ4_XS:  return vec_dot_iq4_xs_q8_1;
-        default:                return nullptr;
+#define X(T, t) case GGML_TYPE_##T: return vec_dot_##t##_q8_1;
+        GGML_SPARSE_CUDA_MUL_MAT_Q_TYPES(X)
+#undef X
+        default: return nullptr;
     }
 }
 
 static constexpr __host__ __device__ int sparse_vdr(ggml_type type) {
     switch (type) {
-        case GGML_TYPE_Q4_0:    return VDR_Q4_0_Q8_1_MMVQ;
-        case GGML_TYPE_Q4_1:    return VDR_Q4_1_Q8_1_MMVQ;
-        case GGML_TYPE_Q5_0:    return VDR_Q5_0_Q8_1_MMVQ;
-        case GGML_TYPE_Q5_1:    return VDR_Q5_1_Q8_1_MMVQ;
-        case GGML_TYPE_Q8_0:    return VDR_Q8_0_Q8_1_MMVQ;
-        case GGML_TYPE_Q2_K:    return VDR_Q2_K_Q8_1_MMVQ;
-        case GGML_TYPE_Q3_K:    return VDR_Q3_K_Q8_1_MMVQ;
-        case GGML_TYPE_Q4_K:    return VDR_Q4_K_Q8_1_MMVQ;
-        case GGML_TYPE_Q5_K:    return VDR_Q5_K_Q8_1_MMVQ;
-        case GGML_TYPE_Q6_K:    return VDR_Q6_K_Q8_1_MMVQ;
-        case GGML_TYPE_IQ4_NL:  return VDR_IQ4_NL_Q8_1_MMVQ;
-        case GGML_TYPE_IQ4_XS:  return VDR_IQ4_XS_Q8_1_MMVQ;
-        default:                return 0;
+#define X(T, t) case GGML_TYPE_##T: return VDR_##T##_Q8_1_MMVQ;
+        GGML_SPARSE_CUDA_MUL_MAT_Q_TYPES(X)
+#undef X
+        default: return 0;
     }
 }
 
-static __device__ __forceinline__ bool sparse_skip(const float * mask, int64_t row, int64_t t, int64_t s_mask) {
-    return mask != nullptr && mask[t*s_mask + row] == 0.0f;
+// this warp's (row, token) of a skip-row product, or false when it has nothing to compute:
+// past the last row, or a masked row, whose 0 it writes
+static __device__ __forceinline__ bool sparse_row_begin(const float * mask, float * dst, int64_t n_ff, int64_t s_mask,
+        int64_t & row, int64_t & t) {
+    row = (int64_t) blockIdx.x*SPARSE_ROWS_PER_BLOCK + threadIdx.y;
+    t   = blockIdx.y;
+    if (row >= n_ff) {
+        return false;
+    }
+    if (mask != nullptr && mask[t*s_mask + row] == 0.0f) {
+        if (threadIdx.x == 0) {
+            dst[t*n_ff + row] = 0.0f;
+        }
+        return false;
+    }
+    return true;
 }
 
 template <ggml_type type>
@@ -148,15 +145,8 @@ static __global__ void k_sparse_mul_mat_q(const void * w, const block_q8_1 * y, 
     constexpr int vdr = sparse_vdr(type);
     constexpr sparse_vec_dot_t vec_dot = sparse_vec_dot(type);
 
-    const int64_t row = (int64_t) blockIdx.x*SPARSE_ROWS_PER_BLOCK + threadIdx.y;
-    const int64_t t   = blockIdx.y;
-    if (row >= n_ff) {
-        return;
-    }
-    if (sparse_skip(mask, row, t, s_mask)) {
-        if (threadIdx.x == 0) {
-            dst[t*n_ff + row] = 0.0f;
-        }
+    int64_t row, t;
+    if (!sparse_row_begin(mask, dst, n_ff, s_mask, row, t)) {
         return;
     }
 
@@ -174,15 +164,8 @@ static __global__ void k_sparse_mul_mat_q(const void * w, const block_q8_1 * y, 
 template <typename T>
 static __global__ void k_sparse_mul_mat_f(const T * w, const float * x, const float * mask, float * dst,
         int64_t n_embd, int64_t n_ff, int64_t s_row, int64_t s_x, int64_t s_mask) {
-    const int64_t row = (int64_t) blockIdx.x*SPARSE_ROWS_PER_BLOCK + threadIdx.y;
-    const int64_t t   = blockIdx.y;
-    if (row >= n_ff) {
-        return;
-    }
-    if (sparse_skip(mask, row, t, s_mask)) {
-        if (threadIdx.x == 0) {
-            dst[t*n_ff + row] = 0.0f;
-        }
+    int64_t row, t;
+    if (!sparse_row_begin(mask, dst, n_ff, s_mask, row, t)) {
         return;
     }
 
@@ -241,18 +224,9 @@ static void sparse_mul_mat(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
             const block_q8_1 * y = (const block_q8_1 *) xq.get();
             const int64_t s_y = n_embd_padded/QK8_1;
             switch (w->type) {
-                case GGML_TYPE_Q4_0:   sparse_mul_mat_q<GGML_TYPE_Q4_0>  (w, y, s_y, m, s_mask, out, n_tok, stream); break;
-                case GGML_TYPE_Q4_1:   sparse_mul_mat_q<GGML_TYPE_Q4_1>  (w, y, s_y, m, s_mask, out, n_tok, stream); break;
-                case GGML_TYPE_Q5_0:   sparse_mul_mat_q<GGML_TYPE_Q5_0>  (w, y, s_y, m, s_mask, out, n_tok, stream); break;
-                case GGML_TYPE_Q5_1:   sparse_mul_mat_q<GGML_TYPE_Q5_1>  (w, y, s_y, m, s_mask, out, n_tok, stream); break;
-                case GGML_TYPE_Q8_0:   sparse_mul_mat_q<GGML_TYPE_Q8_0>  (w, y, s_y, m, s_mask, out, n_tok, stream); break;
-                case GGML_TYPE_Q2_K:   sparse_mul_mat_q<GGML_TYPE_Q2_K>  (w, y, s_y, m, s_mask, out, n_tok, stream); break;
-                case GGML_TYPE_Q3_K:   sparse_mul_mat_q<GGML_TYPE_Q3_K>  (w, y, s_y, m, s_mask, out, n_tok, stream); break;
-                case GGML_TYPE_Q4_K:   sparse_mul_mat_q<GGML_TYPE_Q4_K>  (w, y, s_y, m, s_mask, out, n_tok, stream); break;
-                case GGML_TYPE_Q5_K:   sparse_mul_mat_q<GGML_TYPE_Q5_K>  (w, y, s_y, m, s_mask, out, n_tok, stream); break;
-                case GGML_TYPE_Q6_K:   sparse_mul_mat_q<GGML_TYPE_Q6_K>  (w, y, s_y, m, s_mask, out, n_tok, stream); break;
-                case GGML_TYPE_IQ4_NL: sparse_mul_mat_q<GGML_TYPE_IQ4_NL>(w, y, s_y, m, s_mask, out, n_tok, stream); break;
-                case GGML_TYPE_IQ4_XS: sparse_mul_mat_q<GGML_TYPE_IQ4_XS>(w, y, s_y, m, s_mask, out, n_tok, stream); break;
+#define X(T, t) case GGML_TYPE_##T: sparse_mul_mat_q<GGML_TYPE_##T>(w, y, s_y, m, s_mask, out, n_tok, stream); break;
+                GGML_SPARSE_CUDA_MUL_MAT_Q_TYPES(X)
+#undef X
                 default: GGML_ABORT("%s: weight type %s is not supported", __func__, ggml_type_name(w->type));
             }
         } break;
@@ -412,14 +386,9 @@ static void sparse_down(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     cudaStream_t stream = ctx.stream();
     float * out = (float *) dst->data;
     switch (dt->type) {
-        case GGML_TYPE_F32:  sparse_down_type<GGML_TYPE_F32> (dt, h, out, stream); break;
-        case GGML_TYPE_F16:  sparse_down_type<GGML_TYPE_F16> (dt, h, out, stream); break;
-        case GGML_TYPE_BF16: sparse_down_type<GGML_TYPE_BF16>(dt, h, out, stream); break;
-        case GGML_TYPE_Q4_0: sparse_down_type<GGML_TYPE_Q4_0>(dt, h, out, stream); break;
-        case GGML_TYPE_Q4_1: sparse_down_type<GGML_TYPE_Q4_1>(dt, h, out, stream); break;
-        case GGML_TYPE_Q5_0: sparse_down_type<GGML_TYPE_Q5_0>(dt, h, out, stream); break;
-        case GGML_TYPE_Q5_1: sparse_down_type<GGML_TYPE_Q5_1>(dt, h, out, stream); break;
-        case GGML_TYPE_Q8_0: sparse_down_type<GGML_TYPE_Q8_0>(dt, h, out, stream); break;
+#define X(T) case GGML_TYPE_##T: sparse_down_type<GGML_TYPE_##T>(dt, h, out, stream); break;
+        GGML_SPARSE_CUDA_DOWN_TYPES(X)
+#undef X
         default: GGML_ABORT("%s: weight type %s is not supported", __func__, ggml_type_name(dt->type));
     }
     CUDA_CHECK(cudaGetLastError());
@@ -439,26 +408,6 @@ void ggml_sparse_cuda_forward(ggml_backend_cuda_context & ctx, ggml_tensor * dst
     }
 }
 
-static bool sparse_is_float(ggml_type type) {
-    return type == GGML_TYPE_F32 || type == GGML_TYPE_F16 || type == GGML_TYPE_BF16;
-}
-
 bool ggml_sparse_cuda_supports_op(const ggml_tensor * op) {
-    const ggml_tensor * w = op->src[0];
-    switch (op->op) {
-        case GGML_OP_SPARSE_PREDICT:
-        case GGML_OP_SPARSE_MASK:
-            return true;
-        case GGML_OP_SPARSE_MUL_MAT:
-            // rows of whole blocks, read in place
-            return (sparse_is_float(w->type) || sparse_vdr(w->type) > 0) && ggml_is_contiguous_rows(w) &&
-                op->src[1]->ne[0] % ggml_blck_size(w->type) == 0;
-        case GGML_OP_SPARSE_DOWN:
-            // the types ggml-cuda dequantizes by pairs of columns (K-quants: the CPU's)
-            return (sparse_is_float(w->type) || w->type == GGML_TYPE_Q4_0 || w->type == GGML_TYPE_Q4_1 ||
-                    w->type == GGML_TYPE_Q5_0 || w->type == GGML_TYPE_Q5_1 || w->type == GGML_TYPE_Q8_0) &&
-                ggml_is_contiguous_rows(w) && (sparse_is_float(w->type) || w->ne[0] % ggml_blck_size(w->type) == 0);
-        default:
-            return false;
-    }
+    return ggml_sparse_cuda_supports(op);
 }

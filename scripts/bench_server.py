@@ -26,16 +26,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import platform
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -49,8 +43,8 @@ from openai import OpenAI
 from tqdm import tqdm
 
 from llama_sparse import models
-from llama_sparse._paths import tool
 from llama_sparse.convert.text import evaluation_text
+from llama_sparse.server import ServerError, http_get, serve
 
 START_TIMEOUT = 300.0
 
@@ -58,65 +52,23 @@ START_TIMEOUT = 300.0
 # --- the server -------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=30) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode(errors="replace")
-
-
 @contextlib.contextmanager
 def server(model: Path, args: argparse.Namespace) -> Iterator[str]:
     """llama-server on a free loopback port, one slot per client; yields its base URL."""
-    port = free_port()
-    ctx = args.clients * args.slot_ctx
-    cmd = [str(tool("llama-server")), "-m", str(model), "--host", "127.0.0.1",
-           "--port", str(port), "--metrics", "-np", str(args.clients), "-c", str(ctx),
-           "-t", str(args.threads)]  # fmt: skip
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-
-        def tail() -> str:
-            size = os.fstat(log.fileno()).st_size  # pread: the server shares the file offset
-            return os.pread(log.fileno(), size, 0).decode(errors="replace")[-3000:]
-
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + START_TIMEOUT
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"llama-server exited with {proc.returncode}:\n{tail()}")
-                with contextlib.suppress(urllib.error.URLError, ConnectionError):
-                    if get(url + "/health")[0] == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"llama-server not ready in {START_TIMEOUT:.0f} s:\n{tail()}"
-                    )
-                time.sleep(0.25)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    flags = ["--metrics", "-np", str(args.clients), "-c", str(args.clients * args.slot_ctx),
+             "-t", str(args.threads)]  # fmt: skip
+    try:
+        with serve(model, *flags, timeout=START_TIMEOUT) as s:
+            yield s.url
+    except ServerError as e:
+        raise RuntimeError(str(e)) from None
 
 
 def metric(url: str, name: str) -> float | None:
     """A sample of the server's /metrics, by name."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    status, text = get(url + "/metrics")
+    status, text = http_get(url + "/metrics")
     if status != 200:
         return None
     for family in text_string_to_metric_families(text):
@@ -212,7 +164,7 @@ def run(
 ) -> tuple[list[Result], float, dict[str, Any]]:
     texts = prompts(64)
     with server(model, args) as base:
-        _, body = get(base + "/v1/models")
+        _, body = http_get(base + "/v1/models")
         model_id = json.loads(body)["data"][0]["id"]
         warm = one_request(base, model_id, 0, texts[0], level, args)  # load pages, fill caches
         if warm.error:

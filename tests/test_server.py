@@ -8,10 +8,8 @@ one on the dense SmolLM2. Requests stay short (8-32 tokens).
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sysconfig
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -24,21 +22,25 @@ from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 from llama_sparse.convert.text import evaluation_text
+from llama_sparse.server import Server, ServerError, http_get, serve
 
 QUESTION = "What is the capital of France?"
-START_TIMEOUT = 120.0
 
 
 @dataclass
-class Server:
-    proc: subprocess.Popen[bytes]
-    port: int
-    log: Path
-    model_id: str = ""
+class Client:
+    """A running server, as the tests talk to it."""
+
+    server: Server
+    model_id: str
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self.server.url
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.server.proc
 
     def client(self) -> OpenAI:
         return OpenAI(base_url=f"{self.url}/v1", api_key="x", max_retries=0, timeout=300)
@@ -62,62 +64,32 @@ class Server:
         except json.JSONDecodeError:
             return status, text
 
-    def log_tail(self, n: int = 3000) -> str:
-        return self.log.read_text(errors="replace")[-n:]
+    def log_tail(self) -> str:
+        return self.server.log_tail()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def start(model: Path, log: Path, *extra: str) -> Iterator[Server]:
+def start(model: Path, log: Path, *extra: str) -> Iterator[Client]:
+    """The server as a user starts it: `llama-sparse server ...`."""
     exe = Path(sysconfig.get_path("scripts")) / "llama-sparse"
-    port = free_port()
-    cmd = [str(exe), "server", "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
-           "--metrics", "-np", "2", "-c", "4096", "-t", "2", *extra]  # fmt: skip
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(proc, port, log)
+    flags = ["--metrics", "-np", "2", "-c", "4096", "-t", "2", *extra]
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"llama-server exited with {proc.returncode}:\n{server.log_tail()}")
-            try:
-                if server.request("/health")[0] == 200:
-                    break
-            except (urllib.error.URLError, ConnectionError):
-                pass  # not listening yet
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"llama-server not healthy in {START_TIMEOUT:.0f} s:\n{server.log_tail()}"
-                )
-            time.sleep(0.25)
-        status, models = server.request("/v1/models")
-        assert status == 200 and isinstance(models, dict), models
-        server.model_id = models["data"][0]["id"]
-        yield server
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        with serve(model, *flags, command=[str(exe), "server"], log=log, timeout=120) as server:
+            status, models = http_get(server.url + "/v1/models")
+            assert status == 200, models
+            yield Client(server, json.loads(models)["data"][0]["id"])
+    except ServerError as e:
+        pytest.fail(str(e))
 
 
 @pytest.fixture(scope="module")
 def sparse_server(
     sparse_smollm2: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Server]:
+) -> Iterator[Client]:
     yield from start(sparse_smollm2, tmp_path_factory.mktemp("server") / "sparse.log")
 
 
 @pytest.fixture(scope="module")
-def dense_server(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def dense_server(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
     log = tmp_path_factory.mktemp("server") / "dense.log"
     yield from start(smollm2, log, "--alias", "smollm2-dense")
 
@@ -126,7 +98,7 @@ def chat_body(**extra: Any) -> dict[str, Any]:
     return {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 8, **extra}
 
 
-def assert_serves(server: Server) -> None:
+def assert_serves(server: Client) -> None:
     """A normal request (no "model": fine too) gets a normal answer."""
     status, body = server.request("/v1/chat/completions", chat_body())
     assert status == 200, (body, server.log_tail())
@@ -134,7 +106,7 @@ def assert_serves(server: Server) -> None:
     assert server.proc.poll() is None
 
 
-def metrics(server: Server) -> dict[str, tuple[str, float]]:
+def metrics(server: Client) -> dict[str, tuple[str, float]]:
     """/metrics as {sample name: (family type, value)}, parsed by prometheus_client."""
     with urllib.request.urlopen(server.url + "/metrics", timeout=30) as resp:
         text = resp.read().decode()
@@ -148,7 +120,7 @@ def metrics(server: Server) -> dict[str, tuple[str, float]]:
 # --- requests that work -------------------------------------------------------------
 
 
-def test_chat_completion(sparse_server: Server) -> None:
+def test_chat_completion(sparse_server: Client) -> None:
     resp = sparse_server.client().chat.completions.create(
         model=sparse_server.model_id,
         messages=[{"role": "user", "content": QUESTION}],
@@ -167,7 +139,7 @@ def test_chat_completion(sparse_server: Server) -> None:
     assert timings["sparsity"] == 0.0 and timings["sparse_level"] == 0.0
 
 
-def test_streaming_chat(sparse_server: Server) -> None:
+def test_streaming_chat(sparse_server: Client) -> None:
     stream = sparse_server.client().chat.completions.create(
         model=sparse_server.model_id,
         messages=[{"role": "user", "content": "Name three colors."}],
@@ -185,7 +157,7 @@ def test_streaming_chat(sparse_server: Server) -> None:
     assert finish and finish[-1] in ("stop", "length")
 
 
-def test_completion(sparse_server: Server) -> None:
+def test_completion(sparse_server: Client) -> None:
     resp = sparse_server.client().completions.create(
         model=sparse_server.model_id,
         prompt="The capital of France is",
@@ -196,7 +168,7 @@ def test_completion(sparse_server: Server) -> None:
     assert resp.usage is not None and 0 < resp.usage.completion_tokens <= 8
 
 
-def test_per_request_sparsity(sparse_server: Server) -> None:
+def test_per_request_sparsity(sparse_server: Client) -> None:
     client = sparse_server.client()
     achieved = {}
     for level in (0.1, 0.5):
@@ -223,7 +195,7 @@ def test_per_request_sparsity(sparse_server: Server) -> None:
     assert (resp.model_extra or {})["timings"]["sparsity"] == 0.0
 
 
-def test_metrics(sparse_server: Server) -> None:
+def test_metrics(sparse_server: Client) -> None:
     before = metrics(sparse_server)
     resp = sparse_server.client().completions.create(
         model=sparse_server.model_id,
@@ -278,7 +250,7 @@ def long_prompt() -> str:
     ],  # fmt: skip
 )
 def test_bad_request(
-    sparse_server: Server,
+    sparse_server: Client,
     body: dict[str, Any] | bytes | str,
     status: int,
     error_type: str | None,
@@ -303,7 +275,7 @@ def test_bad_request(
     assert_serves(sparse_server)
 
 
-def test_dense_model(dense_server: Server) -> None:
+def test_dense_model(dense_server: Client) -> None:
     # its name and its alias are both the served model; sparsity 0 is fine, anything else is not
     for model in (dense_server.model_id, "smollm2-dense"):
         status, body = dense_server.request(
