@@ -26,9 +26,11 @@ static GGML_SPARSE_HD float ggml_sparse_predict_keep(float alpha, int64_t n_embd
     return alpha > 0.0f && alpha * (float) (n_embd - n_neg) < (float) n_neg ? 0.0f : 1.0f;
 }
 
-// mask points 2 and 3: a where its weight-aware score reaches the threshold, else 0
-static GGML_SPARSE_HD float ggml_sparse_mask_value(float a, float scale, float thr) {
-    return a != 0.0f && (a < 0.0f ? -a : a) * scale >= thr ? a : 0.0f;
+// mask points 2 and 3: a where its weight-aware score |a| * (scale * scale2) reaches
+// the threshold, else 0 (scale2 NULL: 1)
+static GGML_SPARSE_HD float ggml_sparse_mask_value(float a, const float * scale, const float * scale2, int64_t i, float thr) {
+    const float s = scale2 ? scale[i] * scale2[i] : scale[i];
+    return a != 0.0f && (a < 0.0f ? -a : a) * s >= thr ? a : 0.0f;
 }
 
 // SPARSE_DOWN tiling: a CUDA block owns GGML_SPARSE_DOWN_TILE output columns of

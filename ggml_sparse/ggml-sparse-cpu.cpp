@@ -279,8 +279,9 @@ static void sparse_mul_mat(const ggml_compute_params * params, ggml_tensor * dst
 static void sparse_mask(const ggml_compute_params * params, ggml_tensor * dst) {
     // one loop serves as kernel and reference: it is the definition
     const ggml_tensor * a     = dst->src[0];
-    const float       * scale = (const float *) dst->src[1]->data;
-    const int           point = ggml_get_op_params_i32(dst, 0);
+    const float       * scale  = (const float *) dst->src[1]->data;
+    const float       * scale2 = dst->src[3] ? (const float *) dst->src[3]->data : nullptr;
+    const int           point  = ggml_get_op_params_i32(dst, 0);
 
     const int64_t n_ff  = a->ne[0];
     const int64_t n_tok = a->ne[1];
@@ -293,7 +294,7 @@ static void sparse_mask(const ggml_compute_params * params, ggml_tensor * dst) {
         float       * out = (float *) dst->data + t*n_ff;
         const float   thr = sparse_param(dst->src[2], point, t);
         for (int64_t i = i0; i < i1; ++i) {
-            out[i] = ggml_sparse_mask_value(at[i], scale[i], thr);
+            out[i] = ggml_sparse_mask_value(at[i], scale, scale2, i, thr);
         }
     }
 }

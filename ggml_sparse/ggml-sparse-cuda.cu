@@ -240,12 +240,12 @@ static void sparse_mul_mat(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
 // grid (ceil(n_ff / 256), n_tok), one thread per value: the shared rule with
 // the token's threshold.
 
-static __global__ void k_sparse_mask(const float * a, const float * scale, const float * params, float * dst,
+static __global__ void k_sparse_mask(const float * a, const float * scale, const float * scale2, const float * params, float * dst,
         int64_t n_ff, int64_t s_a, int point, int64_t p_ne1, int64_t p_nb1) {
     const int64_t i = (int64_t) blockIdx.x*SPARSE_MASK_THREADS + threadIdx.x;
     const int64_t t = blockIdx.y;
     if (i < n_ff) {
-        dst[t*n_ff + i] = ggml_sparse_mask_value(a[t*s_a + i], scale[i], sparse_param(params, p_ne1, p_nb1, point, t));
+        dst[t*n_ff + i] = ggml_sparse_mask_value(a[t*s_a + i], scale, scale2, i, sparse_param(params, p_ne1, p_nb1, point, t));
     }
 }
 
@@ -253,11 +253,13 @@ static void sparse_mask(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     const ggml_tensor * a      = dst->src[0];
     const ggml_tensor * scale  = dst->src[1];
     const ggml_tensor * params = dst->src[2];
+    const ggml_tensor * scale2 = dst->src[3];
 
     const int64_t n_ff = a->ne[0];
     const dim3 grid((n_ff + SPARSE_MASK_THREADS - 1)/SPARSE_MASK_THREADS, a->ne[1]);
     k_sparse_mask<<<grid, SPARSE_MASK_THREADS, 0, ctx.stream()>>>(
-        (const float *) a->data, (const float *) scale->data, (const float *) params->data, (float *) dst->data,
+        (const float *) a->data, (const float *) scale->data, scale2 ? (const float *) scale2->data : nullptr,
+        (const float *) params->data, (float *) dst->data,
         n_ff, a->nb[1]/sizeof(float), ggml_get_op_params_i32(dst, 0), params->ne[1], params->nb[1]);
     CUDA_CHECK(cudaGetLastError());
 }

@@ -57,10 +57,12 @@ struct ggml_tensor * ggml_sparse_mask(
         struct ggml_context * ctx,
         struct ggml_tensor  * a,
         struct ggml_tensor  * scale,
+        struct ggml_tensor  * scale2,
         struct ggml_tensor  * params,
         enum ggml_sparse_point point) {
     GGML_ASSERT(a->type == GGML_TYPE_F32 && ggml_is_matrix(a) && a->nb[0] == sizeof(float));
     GGML_ASSERT(scale->type == GGML_TYPE_F32 && ggml_is_contiguous(scale) && ggml_nelements(scale) == a->ne[0]);
+    GGML_ASSERT(scale2 == NULL || (scale2->type == GGML_TYPE_F32 && ggml_is_contiguous(scale2) && ggml_nelements(scale2) == a->ne[0]));
     GGML_ASSERT(ggml_sparse_is_params(params, a->ne[1]));
     GGML_ASSERT(point == GGML_SPARSE_POINT_GATE || point == GGML_SPARSE_POINT_UP);
 
@@ -72,6 +74,7 @@ struct ggml_tensor * ggml_sparse_mask(
     result->src[0] = a;
     result->src[1] = scale;
     result->src[2] = params;
+    result->src[3] = scale2;
 
     return result;
 }

@@ -403,16 +403,15 @@ ggml_tensor * llama_sparse_build_ffn(
             g = ggml_mul(ctx0, g, m); // skipped neurons' gate is 0, as the skipping product leaves it
         }
 
-        // point 2: |act(g)| * up_absmean * down_norm
+        // point 2: |act(g)| * (up_absmean * down_norm)
         ggml_tensor * a = llama_sparse_act(ctx0, g, type_op);
-        ggml_tensor * scale = ggml_mul(ctx0, layer.ffn_up_absmean, layer.ffn_down_norm);
-        a = ggml_sparse_mask(ctx0, a, scale, p, GGML_SPARSE_POINT_GATE);
+        a = ggml_sparse_mask(ctx0, a, layer.ffn_up_absmean, layer.ffn_down_norm, p, GGML_SPARSE_POINT_GATE);
         gctx.cb(a, "ffn_sparse_act", il);
 
         ggml_tensor * u = product(layer.ffn_up, layer.ffn_up_b, a, "ffn_up", "ffn_up_b");
 
         // point 3: |act(g) * u| * down_norm
-        h = ggml_sparse_mask(ctx0, ggml_mul(ctx0, a, u), layer.ffn_down_norm, p, GGML_SPARSE_POINT_UP);
+        h = ggml_sparse_mask(ctx0, ggml_mul(ctx0, a, u), layer.ffn_down_norm, nullptr, p, GGML_SPARSE_POINT_UP);
         gctx.cb(h, "ffn_sparse_h", il);
 
         if (sctx->stats) {

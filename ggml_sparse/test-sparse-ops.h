@@ -106,7 +106,7 @@ struct test_sparse_op : public test_case {
                 ggml_set_name(a, "a");
                 ggml_set_name(scale, "scale");
                 ggml_set_name(params, "params");
-                out = ggml_sparse_mask(ctx, a, scale, params, GGML_SPARSE_POINT_UP);
+                out = ggml_sparse_mask(ctx, a, scale, nullptr, params, GGML_SPARSE_POINT_UP);
             } break;
             case GGML_OP_SPARSE_DOWN: {
                 ggml_tensor * down_t = ggml_new_tensor_2d(ctx, type, n_embd, n_ff);
@@ -200,17 +200,19 @@ struct test_sparse_ffn : public test_case {
         ggml_tensor * down_t = ggml_new_tensor_2d(ctx, type, n_embd, n_ff);
         ggml_tensor * sign   = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, (n_embd + 31)/32, n_ff);
         ggml_tensor * scale  = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, n_ff);
+        ggml_tensor * scale2 = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, n_ff); // point 2 scores as the model does: two scales
         ggml_tensor * x      = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_embd, n_tok);
         ggml_tensor * params = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, GGML_SPARSE_N_PARAMS, n_tok);
         ggml_set_name(sign, "sign");
         ggml_set_name(scale, "scale");
+        ggml_set_name(scale2, "scale2");
         ggml_set_name(params, "params");
 
         ggml_tensor * m = ggml_sparse_predict(ctx, sign, x, params);
         ggml_tensor * g = ggml_sparse_mul_mat(ctx, gate, x, m);
-        ggml_tensor * a = ggml_sparse_mask(ctx, ggml_silu(ctx, g), scale, params, GGML_SPARSE_POINT_GATE);
+        ggml_tensor * a = ggml_sparse_mask(ctx, ggml_silu(ctx, g), scale, scale2, params, GGML_SPARSE_POINT_GATE);
         ggml_tensor * u = ggml_sparse_mul_mat(ctx, up, x, a);
-        ggml_tensor * h = ggml_sparse_mask(ctx, ggml_mul(ctx, a, u), scale, params, GGML_SPARSE_POINT_UP);
+        ggml_tensor * h = ggml_sparse_mask(ctx, ggml_mul(ctx, a, u), scale, nullptr, params, GGML_SPARSE_POINT_UP);
         ggml_tensor * out = ggml_sparse_down(ctx, down_t, h);
         ggml_set_name(out, "out");
         return out;
@@ -226,7 +228,7 @@ struct test_sparse_ffn : public test_case {
                     b = (uint32_t) rng();
                 }
                 ggml_backend_tensor_set(t, bits.data(), 0, ggml_nbytes(t));
-            } else if (name == "scale") {
+            } else if (name == "scale" || name == "scale2") {
                 init_tensor_uniform(t, 0.0f, 1.0f);
             } else if (name == "params") {
                 // token k: the predictor on every other token, thresholds growing with k

@@ -60,15 +60,19 @@ GGML_API struct ggml_tensor * ggml_sparse_mul_mat(
         struct ggml_tensor  * x,
         struct ggml_tensor  * mask);
 
-// a [n_ff, n_tokens] F32, scale [n_ff] F32 -> F32 [n_ff, n_tokens]: a[i, t]
-// where |a[i, t]| * scale[i] >= params[point] and a[i, t] != 0, else 0. A
-// value of exactly 0 always counts as skipped: it contributes nothing, so with
-// a threshold of 0 the later ops skip exactly the neurons whose output is 0
-// (a ReLU's actual sparsity) and the result equals the dense one.
+// a [n_ff, n_tokens] F32, scale and scale2 [n_ff] F32 (scale2 may be NULL: 1)
+// -> F32 [n_ff, n_tokens]: a[i, t] where |a[i, t]| * (scale[i] * scale2[i]) >=
+// params[point] and a[i, t] != 0, else 0. Two scales, so a weight-aware score
+// that is a product of two per-neuron weights needs no separate op per
+// evaluation. A value of exactly 0 always counts as skipped: it contributes
+// nothing, so with a threshold of 0 the later ops skip exactly the neurons
+// whose output is 0 (a ReLU's actual sparsity) and the result equals the
+// dense one.
 GGML_API struct ggml_tensor * ggml_sparse_mask(
         struct ggml_context * ctx,
         struct ggml_tensor  * a,
         struct ggml_tensor  * scale,
+        struct ggml_tensor  * scale2,
         struct ggml_tensor  * params,
         enum ggml_sparse_point point);
 

@@ -21,7 +21,7 @@ int main() {
     ggml_tensor * scale  = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, n_ff);
 
     printf("SPARSE_PREDICT - %d\n", ggml_sparse_cuda_supports(ggml_sparse_predict(ctx, sign, x, params)));
-    printf("SPARSE_MASK - %d\n", ggml_sparse_cuda_supports(ggml_sparse_mask(ctx, h, scale, params, GGML_SPARSE_POINT_UP)));
+    printf("SPARSE_MASK - %d\n", ggml_sparse_cuda_supports(ggml_sparse_mask(ctx, h, scale, nullptr, params, GGML_SPARSE_POINT_UP)));
     for (int t = 0; t < GGML_TYPE_COUNT; ++t) {
         const ggml_type type = (ggml_type) t;
         if (ggml_blck_size(type) == 0 || ggml_type_size(type) == 0 || n_embd % ggml_blck_size(type) != 0) {
