@@ -60,7 +60,12 @@ def dead_mask(stats: CalibrationStats, il: int, tolerance: float) -> np.ndarray:
 
 
 def make_plan(
-    stats: CalibrationStats, *, dead_tolerance: float, prune: bool, reorder: bool
+    stats: CalibrationStats,
+    *,
+    dead_tolerance: float,
+    prune: bool,
+    reorder: bool,
+    compensate: bool = True,
 ) -> SparsePlan:
     layers = []
     for il in range(len(stats.n_ff)):
@@ -69,7 +74,8 @@ def make_plan(
             keep = keep[~dead_mask(stats, il, dead_tolerance)]
         if reorder:
             keep = stats.hot_order(il, keep)
-        layers.append(LayerPlan(keep.astype(np.int32), stats.up_absmean[il][keep]))
+        h = stats.sample_h(il)[:, keep] if compensate else None
+        layers.append(LayerPlan(keep.astype(np.int32), stats.up_absmean[il][keep], h))
     return SparsePlan(
         layers,
         metadata={
@@ -97,18 +103,23 @@ def write_checked(
         check = Path(tmp) / "check.txt"
         check.write_text(calibration_text()[0][-DOWN_T_CHECK_CHARS:])
         tried = []
-        for wider in (None, *DOWN_T_WIDER):
-            plan.down_type = wider
-            structure.write_sparse(src, dst, plan, progress=progress)
-            (q,) = quality.compare(src, [dst], check, threads=threads or 2)
-            if q.ppl_change <= DOWN_T_MAX_PPL_CHANGE:
-                break
-            tried.append(f"{wider.name if wider else 'the input type'} cost {q.ppl_change:+.2%}")
+        with quality.Reference(src, check, threads=threads or 2) as ref:
+            for wider in (None, *DOWN_T_WIDER):
+                plan.down_type = wider
+                structure.write_sparse(src, dst, plan, progress=progress)
+                q = ref.compare(dst)
+                if q.ppl_change <= DOWN_T_MAX_PPL_CHANGE:
+                    break
+                tried.append(
+                    f"{wider.name if wider else 'the input type'} cost {q.ppl_change:+.2%} "
+                    f"± {q.ppl_change_2se:.2%}"
+                )
     plan.metadata["sparse.down_t.ppl_change"] = np.float32(q.ppl_change)
     if tried:
         plan.metadata["sparse.down_t.reason"] = (
             f"{plan.down_type.name}: requantized, {', '.join(tried)} perplexity (limit "
-            f"{DOWN_T_MAX_PPL_CHANGE:.1%}); this type {q.ppl_change:+.2%}"
+            f"{DOWN_T_MAX_PPL_CHANGE:.1%}); this type {q.ppl_change:+.2%} ± {q.ppl_change_2se:.2%} "
+            f"(two standard errors on {DOWN_T_CHECK_CHARS} characters)"
         )
     structure.write_sparse(src, dst, plan, progress=progress)  # with the measured cost recorded
     return q.ppl_change
@@ -126,6 +137,7 @@ def convert(
     dead_tolerance: float = DEFAULT_DEAD_TOLERANCE,
     prune: bool = True,
     reorder: bool = True,
+    compensate: bool = True,
     down_type: QT | None = None,
     threads: int | None = None,
     progress: bool = True,
@@ -137,7 +149,9 @@ def convert(
         raise structure.ConvertError(f"refusing to write over the input {src}")
     t0 = time.perf_counter()
     stats = calibrate(src, text, n_tokens, n_threads=threads, source=source, progress=progress)
-    plan = make_plan(stats, dead_tolerance=dead_tolerance, prune=prune, reorder=reorder)
+    plan = make_plan(
+        stats, dead_tolerance=dead_tolerance, prune=prune, reorder=reorder, compensate=compensate
+    )
     plan.down_type = down_type
     tables = allocate(stats, levels, method=allocation, keep=[lp.keep for lp in plan.layers])
     plan.metadata.update(tables.metadata())

@@ -16,6 +16,46 @@
 #include <stdexcept>
 #include <string>
 
+// the flags' values, checked; each throws std::invalid_argument with the reason
+
+static llama_sparse_mode llama_sparse_parse_mode(const std::string & value) {
+    const int32_t mode = llama_sparse_mode_from_name(value.c_str());
+    if (mode < 0) {
+        throw std::invalid_argument("unknown sparse mode '" + value + "' (off, threshold, predict or auto)");
+    }
+    return (llama_sparse_mode) mode;
+}
+
+static float llama_sparse_parse_number(const char * flag, const std::string & value) {
+    size_t used = 0;
+    float v = 0.0f;
+    try {
+        v = std::stof(value, &used);
+    } catch (const std::exception &) {
+        used = 0;
+    }
+    if (used == 0 || used != value.size()) {
+        throw std::invalid_argument(std::string(flag) + " takes a number, got '" + value + "'");
+    }
+    return v;
+}
+
+static float llama_sparse_parse_level(const std::string & value) {
+    const float level = llama_sparse_parse_number("--sparsity", value);
+    if (!(level >= 0.0f && level < 1.0f)) {
+        throw std::invalid_argument("--sparsity " + value + " is out of range: a fraction in [0, 1)");
+    }
+    return level;
+}
+
+static float llama_sparse_parse_alpha(const std::string & value) {
+    const float alpha = llama_sparse_parse_number("--sparse-alpha", value);
+    if (!(alpha > 0.0f && alpha < 1e6f)) {
+        throw std::invalid_argument("--sparse-alpha " + value + " is out of range: it must be > 0");
+    }
+    return alpha;
+}
+
 template <typename AddOpt>
 static void llama_sparse_add_args(AddOpt && add_opt) {
     add_opt(common_arg(
@@ -25,12 +65,8 @@ static void llama_sparse_add_args(AddOpt && add_opt) {
         "before the gate: for ReLU-family models), auto (off at sparsity 0, else the model's default "
         "mode; default: auto)",
         [](common_params &, const std::string & value) {
-            const int32_t mode = llama_sparse_mode_from_name(value.c_str());
-            if (mode < 0) {
-                throw std::invalid_argument("unknown sparse mode '" + value + "' (off, threshold, predict or auto)");
-            }
             llama_sparse_params p = llama_sparse_default_params();
-            p.mode = (llama_sparse_mode) mode;
+            p.mode = llama_sparse_parse_mode(value);
             llama_sparse_set_defaults(p);
         }
     ).set_env("LLAMA_ARG_SPARSE_MODE"));
@@ -39,17 +75,8 @@ static void llama_sparse_add_args(AddOpt && add_opt) {
         "sparsity level: the fraction of FFN weight bytes skipped per token, one of the levels in the "
         "sparse GGUF's table (llama-sparse inspect lists them) or 0 (default: 0)",
         [](common_params &, const std::string & value) {
-            float level;
-            try {
-                level = std::stof(value);
-            } catch (const std::exception &) {
-                throw std::invalid_argument("--sparsity takes a number, got '" + value + "'");
-            }
-            if (!(level >= 0.0f && level < 1.0f)) {
-                throw std::invalid_argument("--sparsity " + value + " is out of range: a fraction in [0, 1)");
-            }
             llama_sparse_params p = llama_sparse_default_params();
-            p.level = level;
+            p.level = llama_sparse_parse_level(value);
             llama_sparse_set_defaults(p);
         }
     ).set_env("LLAMA_ARG_SPARSITY"));
@@ -58,17 +85,8 @@ static void llama_sparse_add_args(AddOpt && add_opt) {
         "factor on the sign predictor's calibrated per-layer alpha in mode predict: larger skips fewer "
         "neurons (default: 1)",
         [](common_params &, const std::string & value) {
-            float alpha;
-            try {
-                alpha = std::stof(value);
-            } catch (const std::exception &) {
-                throw std::invalid_argument("--sparse-alpha takes a number, got '" + value + "'");
-            }
-            if (!(alpha > 0.0f && alpha < 1e6f)) {
-                throw std::invalid_argument("--sparse-alpha " + value + " is out of range: it must be > 0");
-            }
             llama_sparse_params p = llama_sparse_default_params();
-            p.alpha = alpha;
+            p.alpha = llama_sparse_parse_alpha(value);
             llama_sparse_set_defaults(p);
         }
     ).set_env("LLAMA_ARG_SPARSE_ALPHA"));

@@ -3,11 +3,12 @@
 
     python scripts/bench_convert.py [--models smollm2-135m gemma3-270m] [--eval-chars 40000]
 
-For each real model: converts it with the default options (and once more
+For each real model: converts it with the default options (once more
 without pruning, to separate the cost of pruning from the cost of the
-requantized ffn_down_t), then measures perplexity, mean KL divergence and
-top-1 agreement of both against the dense model with our llama-perplexity on
-the evaluation text (disjoint from the calibration text). Also converts a
+requantized ffn_down_t, and once more without error compensation in
+ffn_down_t), then measures perplexity, mean KL divergence and top-1
+agreement against the dense model with our llama-perplexity on the
+evaluation text (disjoint from the calibration text). Also converts a
 synthetic GGUF with Llama-2-7B layer shapes (random weights) for the time.
 Prints tables and rewrites its section of docs/BENCHMARKS.md.
 """
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 import benchdoc
+from gguf import GGUFReader
 
 from llama_sparse import models, quality
 from llama_sparse.convert import synthetic
@@ -36,6 +38,16 @@ def mib(n: float) -> str:
 
 def sign_bytes(r: ConvertResult, n_embd: int) -> int:
     return sum(w - d for w, d in zip(r.original, r.dead, strict=True)) * -(-n_embd // 32) * 4
+
+
+def down_t_type(dense: Path, sparse: Path) -> str:
+    """ffn_down_t's type(s) in `sparse`, against the dense ffn_down's, e.g. "Q4_1 -> Q8_0"."""
+
+    def types(path: Path, name: str) -> str:
+        ts = {t.tensor_type.name for t in GGUFReader(path).tensors if t.name.endswith(name)}
+        return "/".join(sorted(ts))
+
+    return f"{types(dense, 'ffn_down.weight')} -> {types(sparse, 'ffn_down_t.weight')}"
 
 
 def main() -> int:
@@ -59,24 +71,30 @@ def main() -> int:
             out = tmp / f"{name}.sparse.gguf"
             r = convert(src, out, threads=args.threads)
             nopr = convert(src, tmp / f"{name}.noprune.gguf", prune=False, threads=args.threads)
+            nocomp = convert(src, tmp / f"{name}.nocomp.gguf", compensate=False,
+                             threads=args.threads)  # fmt: skip
             dead, total = sum(r.dead), sum(r.original)
             conv_rows.append(
                 f"| {name} | {r.seconds:.1f} | {r.calibration_tokens} | {r.tokens_per_second:.0f} "
                 f"| {dead} ({dead / total:.2%}) | {mib(r.input_bytes)} | {mib(r.output_bytes)} "
-                f"| {mib(sign_bytes(r, n_embd))} |"
+                f"| {mib(sign_bytes(r, n_embd))} | {down_t_type(src, out)} |"
             )
             layer_rows.append(
                 f"| {name} | "
                 + " ".join(f"{d / n:.1%}" for d, n in zip(r.dead, r.original, strict=True))
                 + " |"
             )
-            q_pr, q_np = quality.compare(src, [out, nopr.output], eval_file, ctx=args.ctx,
-                                         threads=args.threads)  # fmt: skip
-            for label, q in (("converted (default)", q_pr), ("converted, --no-prune", q_np)):
+            runs = {"converted (default)": out, "converted, --no-prune": nopr.output,
+                    "converted, --no-compensate": nocomp.output}  # fmt: skip
+            qs = quality.compare(src, list(runs.values()), eval_file, ctx=args.ctx,
+                                 threads=args.threads)  # fmt: skip
+            for (label, path), q in zip(runs.items(), qs, strict=True):
                 qual_rows.append(
-                    f"| {name} | {label} | {q.ppl_base:.4f} | {q.ppl:.4f} | {q.ppl_change:+.3%} "
+                    f"| {name} | {label} ({down_t_type(src, path)}) | {q.ppl_base:.4f} "
+                    f"| {q.ppl:.4f} | {q.ppl_change:+.3%} ± {q.ppl_change_2se:.3%} "
                     f"| {q.mean_kld:.5f} | {q.top1:.2%} |"
                 )
+            q_pr, q_np = qs[0], qs[1]
             qual_rows.append(
                 f"| {name} | pruning alone | {q_np.ppl:.4f} | {q_pr.ppl:.4f} "
                 f"| {q_pr.ppl / q_np.ppl - 1:+.3%} | | |"
@@ -92,8 +110,8 @@ def main() -> int:
     tables = "\n".join(
         [
             "| model | convert s | calibration tokens | tokens/s | dead neurons | input MiB "
-            "| output MiB | of which sign bits MiB |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            "| output MiB | of which sign bits MiB | ffn_down_t |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---|",
             *conv_rows,
             "",
             "Dead neurons per layer (fraction of the layer's width):",
@@ -103,9 +121,11 @@ def main() -> int:
             *layer_rows,
             "",
             f"Quality with sparsity off, against the dense model, on {args.eval_chars} characters "
-            f"of {source}, context {args.ctx}:",
+            f"of {source}, context {args.ctx}; ± is two standard errors of the change "
+            "(llama-perplexity's own estimate: what the same files may show on another text "
+            "of this length):",
             "",
-            "| model | file | PPL dense | PPL | change | mean KLD | top-1 agreement |",
+            "| model | file (ffn_down_t) | PPL dense | PPL | change | mean KLD | top-1 agreement |",
             "|---|---|---:|---:|---:|---:|---:|",
             *qual_rows,
             "",

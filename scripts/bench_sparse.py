@@ -41,7 +41,7 @@ import benchdoc
 from gguf import GGUFReader
 
 from llama_sparse import Llama, bin_dir, models, quality
-from llama_sparse.convert import synthetic
+from llama_sparse.convert import pipeline, synthetic
 from llama_sparse.convert.pipeline import convert
 from llama_sparse.convert.text import evaluation_text
 
@@ -176,11 +176,17 @@ def reachable(model: Path) -> dict[str, list[float]]:
     }
 
 
+def converted(sparse: Path) -> bool:
+    """A cached sparse file exists and is newer than the installed converter."""
+    converter = max(f.stat().st_mtime for f in Path(pipeline.__file__).parent.glob("*.py"))
+    return sparse.exists() and sparse.stat().st_mtime >= converter
+
+
 def sparse_model(dense: Path, threads: int | None = None) -> Path:
-    """The sparse GGUF of `dense`, converted with the default options the first time and
-    cached beside the known models (scripts/bench_server.py serves it too)."""
+    """The sparse GGUF of `dense`, converted with the default options and cached beside the
+    known models (scripts/bench_server.py serves it too) until the converter changes."""
     sparse = models.model_dir() / "sparse" / f"{dense.stem}.sparse.gguf"
-    if not sparse.exists():
+    if not converted(sparse):
         sparse.parent.mkdir(parents=True, exist_ok=True)
         convert(dense, sparse, threads=threads)
     return sparse
@@ -201,7 +207,7 @@ def prepare(args: argparse.Namespace, tmp: Path) -> list[ModelRun]:
             qtype = synthetic.QT[qt.upper()]
             tokenizer = models.fetch(models.DEFAULT_MODEL)
             synthetic.write_synthetic(dense, tokenizer, shape, n_layer=args.syn_layers, qtype=qtype)
-        if not sparse.exists():
+        if not converted(sparse):
             convert(dense, sparse, n_tokens=2048, threads=args.threads)
         runs.append(
             ModelRun(f"synthetic 7B {qt} ({args.syn_layers} layers)", dense, sparse, synthetic=True)

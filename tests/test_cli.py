@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import re
@@ -179,6 +180,51 @@ def test_bench_launcher_measures(smollm2: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "avg_ts" in proc.stdout
+
+
+def test_bench_sweeps_sparsity(sparse_smollm2: Path) -> None:
+    """llama-bench takes the sparsity flags as lists, like its other parameters: one test
+    per combination, each reporting its values, and fewer FFN rows read at level 0.5."""
+    proc = cli("bench", "-m", str(sparse_smollm2), "-p", "0", "-n", "16", "-r", "2", "-t", "2",
+               "--sparse-mode", "off,threshold", "--sparsity", "0.5", "-o", "json")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = json.loads(proc.stdout)
+    # mode off has no level: it runs once, at 0
+    assert [(r["sparse_mode"], r["sparsity"], r["sparse_alpha"]) for r in runs] == [
+        ("off", 0.0, 1.0),
+        ("threshold", 0.5, 1.0),
+    ]
+    md = cli("bench", "-m", str(sparse_smollm2), "-p", "0", "-n", "4", "-r", "1", "-t", "2",
+             "--sparsity", "0,0.5")  # fmt: skip
+    assert md.returncode == 0, md.stderr[-2000:]
+    table = [[c.strip() for c in line.split("|")[1:-1]] for line in md.stdout.splitlines()
+             if line.startswith("|") and not line.startswith("| --")]  # fmt: skip
+    header, rows = table[0], table[1:]
+    assert "sparse_mode" not in header  # only the swept parameters are columns
+    assert [r[header.index("sparsity")] for r in rows] == ["0", "0.5"]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--sparsity", "0.3,1.5", "--sparsity 1.5 is out of range"),
+        ("--sparsity", "0.5x", "--sparsity takes a number, got '0.5x'"),
+        ("--sparse-mode", "threshold,fast", "unknown sparse mode 'fast'"),
+        ("--sparse-alpha", "0", "--sparse-alpha 0 is out of range"),
+    ],
+)
+def test_bench_refuses_bad_sparsity(sparse_smollm2: Path, flag: str, value: str,
+                                    message: str) -> None:  # fmt: skip
+    proc = cli("bench", "-m", str(sparse_smollm2), "-p", "0", "-n", "4", flag, value)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+
+
+def test_bench_refuses_a_level_the_model_lacks(sparse_smollm2: Path) -> None:
+    proc = cli("bench", "-m", str(sparse_smollm2), "-p", "0", "-n", "4", "-r", "1",
+               "--sparsity", "0.55")  # fmt: skip
+    assert proc.returncode != 0
+    assert "not in this model's table" in proc.stderr
 
 
 def test_inspect_dense_and_bad(smollm2: Path, tmp_path: Path) -> None:

@@ -43,6 +43,7 @@ def test_model_against_itself(smollm2: Path, text: Path) -> None:
     (q,) = quality.compare(smollm2, [smollm2], text, ctx=256)
     assert q.ppl == pytest.approx(q.ppl_base, rel=1e-4)
     assert abs(q.mean_kld) < 1e-4 and q.top1 == 1.0
+    assert q.ppl_change_2se < 1e-4
     assert quality.perplexity(smollm2, text, ctx=256) == pytest.approx(q.ppl_base, rel=1e-3)
 
 
@@ -50,6 +51,7 @@ def test_damaged_model_is_measured_worse(smollm2: Path, text: Path, tmp_path: Pa
     bad = damaged_copy(smollm2, tmp_path / "bad.gguf")
     (q,) = quality.compare(smollm2, [bad], text, ctx=256)
     assert q.ppl_change > 0.01
+    assert 0.0 < q.ppl_change_2se < q.ppl_change
     assert q.mean_kld > 0.01
     assert 0.0 < q.top1 < 0.99
 

@@ -8,6 +8,7 @@ and each candidate is compared with them token by token.
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 import tempfile
@@ -23,11 +24,18 @@ class Quality:
     ppl_base: float  # perplexity of the base (dense) model
     mean_kld: float  # mean KL divergence base -> candidate, per token
     top1: float  # fraction of tokens whose most likely next token is the same
+    ln_ratio_unc: float = 0.0  # standard error of ln(ppl / ppl_base) over the text's tokens
 
     @property
     def ppl_change(self) -> float:
         """Relative perplexity change, e.g. 0.004 for +0.4 %."""
         return self.ppl / self.ppl_base - 1.0
+
+    @property
+    def ppl_change_2se(self) -> float:
+        """Two standard errors of ppl_change: how much it could move on another text of
+        the same length (the noise of the measurement, not of the model)."""
+        return self.ppl / self.ppl_base * (math.exp(2.0 * self.ln_ratio_unc) - 1.0)
 
 
 class QualityError(RuntimeError):
@@ -36,7 +44,11 @@ class QualityError(RuntimeError):
 
 def _run(args: list[str]) -> str:
     proc = subprocess.run(
-        [str(tool("llama-perplexity")), *args], capture_output=True, text=True, check=False
+        [str(tool("llama-perplexity")), *args],
+        capture_output=True,
+        encoding="utf-8",  # it prints "±"
+        errors="replace",
+        check=False,
     )
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:
@@ -66,20 +78,38 @@ def compare(base: Path, candidates: list[Path], text: Path, *, ctx: int = 512, t
 def compare_runs(base: Path, runs: list[tuple[Path, tuple[str, ...]]], text: Path, *,
                  ctx: int = 512, threads: int = 2) -> list[Quality]:  # fmt: skip
     """Quality of each (model, extra llama-perplexity flags) run against `base` on `text`."""
-    with tempfile.TemporaryDirectory() as tmp:
-        kld_base = Path(tmp) / "base.kld"
-        common = ["-c", str(ctx), "-t", str(threads)]
-        _run(["-m", str(base), "-f", str(text), "--kl-divergence-base", str(kld_base), *common])
-        results = []
-        for model, extra in runs:
-            out = _run(["-m", str(model), "--kl-divergence-base", str(kld_base),
-                        "--kl-divergence", *common, *extra])  # fmt: skip
-            results.append(
-                Quality(
-                    ppl=_number(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)", out),
-                    ppl_base=_number(r"Mean PPL\(base\)\s*:\s*([0-9.]+)", out),
-                    mean_kld=_number(r"Mean\s+KLD:\s*(-?[0-9.]+)", out),
-                    top1=_number(r"Same top p:\s*([0-9.]+)", out) / 100.0,
-                )
-            )
-    return results
+    with Reference(base, text, ctx=ctx, threads=threads) as ref:
+        return [ref.compare(model, extra) for model, extra in runs]
+
+
+class Reference:
+    """The base model's logits on `text`, kept while the context is open, so that
+    candidates written one after the other are compared with one base run."""
+
+    def __init__(self, base: Path, text: Path, *, ctx: int = 512, threads: int = 2) -> None:
+        self.base, self.text = base, text
+        self.common = ["-c", str(ctx), "-t", str(threads)]
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    def __enter__(self) -> Reference:
+        self._tmp = tempfile.TemporaryDirectory()
+        self.kld_base = Path(self._tmp.name) / "base.kld"
+        _run(["-m", str(self.base), "-f", str(self.text), "--kl-divergence-base",
+              str(self.kld_base), *self.common])  # fmt: skip
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._tmp is not None
+        self._tmp.cleanup()
+
+    def compare(self, model: Path, extra: tuple[str, ...] = ()) -> Quality:
+        out = _run(["-m", str(model), "--kl-divergence-base", str(self.kld_base),
+                    "--kl-divergence", *self.common, *extra])  # fmt: skip
+        ln_ratio = r"Mean ln\(PPL\(Q\)/PPL\(base\)\)\s*:\s*-?[0-9.]+\s*±\s*([0-9.]+)"
+        return Quality(
+            ppl=_number(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)", out),
+            ppl_base=_number(r"Mean PPL\(base\)\s*:\s*([0-9.]+)", out),
+            mean_kld=_number(r"Mean\s+KLD:\s*(-?[0-9.]+)", out),
+            top1=_number(r"Same top p:\s*([0-9.]+)", out) / 100.0,
+            ln_ratio_unc=_number(ln_ratio, out),
+        )
