@@ -16,13 +16,18 @@
 //             of SPARSE_ROW_CHUNK round-robin: neurons are stored hot-first,
 //             so the active rows cluster at the start and a contiguous split
 //             would leave one thread with most of the work. A thread gathers
-//             its active rows and prefetches SPARSE_PREFETCH rows ahead.
+//             its active rows, prefetches the ones after a gap and takes
+//             them four at a time where it has a four-row kernel (AVX2: Q4_0,
+//             Q4_1, Q8_0), one at a time with the type's vec_dot otherwise.
 //   mask      elementwise, each token's row split in contiguous ranges
-//   down      the output columns split in block-aligned slices. One token
-//             (AVX-512; Q4_0, Q4_1, Q8_0, F16, BF16, F32): 256 output columns
-//             stay in 16 registers while the active rows stream through.
-//             Otherwise a thread dequantizes its slice of each active row of
-//             down_t once and adds it to every token that uses the neuron.
+//   down      the output columns split in block-aligned slices. AVX-512
+//             (Q4_0, Q4_1, Q8_0, F16, BF16, F32): one token keeps 256 output
+//             columns in 16 registers while the active rows stream through;
+//             several tokens keep 64 columns of up to 6 tokens in registers,
+//             each block decoded once for all of them, and sum every token in
+//             the one-token order (bit-identical). Otherwise a thread
+//             dequantizes its slice of each active row of down_t once and adds
+//             it to every token that uses the neuron.
 
 #define GGML_COMMON_DECL_CPP
 #include "ggml-common.h"
@@ -48,12 +53,22 @@
 
 static constexpr int64_t SPARSE_ROW_CHUNK = 16;
 static constexpr size_t  SPARSE_ALIGN     = 64;
-static constexpr int     SPARSE_PREFETCH  = 16; // rows ahead (8 and 16 measured alike; 4 was slower at s = 0.5)
+static constexpr int     SPARSE_PREFETCH  = 16; // down_t rows ahead (8 and 16 measured alike; 4 was slower at s = 0.5)
+// weight rows ahead in the skip-row product, into L2: 16 whole rows into L1 evicted the rows in
+// use (70B shapes, 1 thread: Q4_K 2.4x slower with all rows active than without prefetching)
+static constexpr int     SPARSE_PREFETCH_ROWS = 8;
 
 // prefetch n bytes from p into the cache (the hardware prefetcher does not follow skipped rows)
 static void sparse_prefetch(const void * p, size_t n) {
     for (size_t off = 0; off < n; off += 64) {
         __builtin_prefetch((const char *) p + off);
+    }
+}
+
+// the same into L2 only
+static void sparse_prefetch_l2(const void * p, size_t n) {
+    for (size_t off = 0; off < n; off += 64) {
+        __builtin_prefetch((const char *) p + off, 0, 1);
     }
 }
 
@@ -205,6 +220,112 @@ static void sparse_mul_mat_ref(const ggml_compute_params * params, ggml_tensor *
     }
 }
 
+// Four rows at once (AVX2; Q4_0, Q4_1, Q8_0): out[r] = rows[r] . y. A one-row dot product is
+// one chain of dependent multiply-adds; four independent chains share each block of y and keep
+// the multiply-add units busy, as ggml's dense product does by blocking rows. nullptr: no such
+// kernel for the type, use vec_dot row by row.
+typedef void (*sparse_dot4_t)(int64_t n, const char * const * rows, const void * y, float * out);
+
+#if defined(__AVX2__)
+// the 32 nibbles of a Q4 block in [0, 15]: low nibbles first, as ggml stores them
+static __m256i sparse_nibbles(const uint8_t * qs) {
+    const __m128i q = _mm_loadu_si128((const __m128i *) qs);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(0x0F));
+}
+
+// acc + the sums of 4 adjacent products of unsigned u and signed s bytes in each 32-bit lane
+static __m256i sparse_dpbusd(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(acc, u, s);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+
+static float sparse_hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+// Q4_0 x Q8_0: sum (q - 8) y = sum q y - 8 sum y, the second term once per block for all rows
+static void sparse_dot4_q4_0(int64_t n, const char * const * rows, const void * vy, float * out) {
+    const block_q8_0 * y = (const block_q8_0 *) vy;
+    __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps() };
+    for (int64_t ib = 0; ib < n/QK8_0; ++ib) {
+        const __m256i qy  = _mm256_loadu_si256((const __m256i *) y[ib].qs);
+        const __m256i off = _mm256_sub_epi32(_mm256_setzero_si256(), sparse_dpbusd(_mm256_setzero_si256(), _mm256_set1_epi8(8), qy));
+        const float   dy  = GGML_CPU_FP16_TO_FP32(y[ib].d);
+        for (int r = 0; r < 4; ++r) {
+            const block_q4_0 * x = (const block_q4_0 *) rows[r] + ib;
+            const __m256 p = _mm256_cvtepi32_ps(sparse_dpbusd(off, sparse_nibbles(x->qs), qy));
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(GGML_CPU_FP16_TO_FP32(x->d)*dy), p, acc[r]);
+        }
+    }
+    for (int r = 0; r < 4; ++r) {
+        out[r] = sparse_hsum(acc[r]);
+    }
+}
+
+// Q4_1 x Q8_1: sum (d q + m) (dy y) = d dy sum q y + m (dy sum y), the last factor stored in y
+static void sparse_dot4_q4_1(int64_t n, const char * const * rows, const void * vy, float * out) {
+    const block_q8_1 * y = (const block_q8_1 *) vy;
+    __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps() };
+    float  sm[4]  = { 0.0f, 0.0f, 0.0f, 0.0f };
+    for (int64_t ib = 0; ib < n/QK8_1; ++ib) {
+        const __m256i qy = _mm256_loadu_si256((const __m256i *) y[ib].qs);
+        const ggml_half * ds = (const ggml_half *) &y[ib]; // d, then s
+        const float   dy = GGML_CPU_FP16_TO_FP32(ds[0]);
+        const float   sy = GGML_CPU_FP16_TO_FP32(ds[1]);
+        for (int r = 0; r < 4; ++r) {
+            const block_q4_1 * x  = (const block_q4_1 *) rows[r] + ib;
+            const ggml_half  * dm = (const ggml_half *) x; // d, then m
+            const __m256 p = _mm256_cvtepi32_ps(sparse_dpbusd(_mm256_setzero_si256(), sparse_nibbles(x->qs), qy));
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(GGML_CPU_FP16_TO_FP32(dm[0])*dy), p, acc[r]);
+            sm[r] += GGML_CPU_FP16_TO_FP32(dm[1])*sy;
+        }
+    }
+    for (int r = 0; r < 4; ++r) {
+        out[r] = sparse_hsum(acc[r]) + sm[r];
+    }
+}
+
+// Q8_0 x Q8_0: signed x signed as |x| x (y with x's sign)
+static void sparse_dot4_q8_0(int64_t n, const char * const * rows, const void * vy, float * out) {
+    const block_q8_0 * y = (const block_q8_0 *) vy;
+    __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps() };
+    for (int64_t ib = 0; ib < n/QK8_0; ++ib) {
+        const __m256i qy = _mm256_loadu_si256((const __m256i *) y[ib].qs);
+        const float   dy = GGML_CPU_FP16_TO_FP32(y[ib].d);
+        for (int r = 0; r < 4; ++r) {
+            const block_q8_0 * x  = (const block_q8_0 *) rows[r] + ib;
+            const __m256i      qx = _mm256_loadu_si256((const __m256i *) x->qs);
+            const __m256 p = _mm256_cvtepi32_ps(sparse_dpbusd(_mm256_setzero_si256(), _mm256_sign_epi8(qx, qx), _mm256_sign_epi8(qy, qx)));
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(GGML_CPU_FP16_TO_FP32(x->d)*dy), p, acc[r]);
+        }
+    }
+    for (int r = 0; r < 4; ++r) {
+        out[r] = sparse_hsum(acc[r]);
+    }
+}
+
+static sparse_dot4_t sparse_dot4(ggml_type type) {
+    switch (type) {
+        case GGML_TYPE_Q4_0: return sparse_dot4_q4_0;
+        case GGML_TYPE_Q4_1: return sparse_dot4_q4_1;
+        case GGML_TYPE_Q8_0: return sparse_dot4_q8_0;
+        default:             return nullptr;
+    }
+}
+#else
+static sparse_dot4_t sparse_dot4(ggml_type) {
+    return nullptr;
+}
+#endif
+
 static void sparse_mul_mat(const ggml_compute_params * params, ggml_tensor * dst) {
     if (params->use_ref) {
         sparse_mul_mat_ref(params, dst);
@@ -257,18 +378,42 @@ static void sparse_mul_mat(const ggml_compute_params * params, ggml_tensor * dst
         }
     }
 
-    const size_t row_size = w->nb[1];
-    for (size_t k = 0; k < rows.size(); ++k) {
-        if (k + SPARSE_PREFETCH < rows.size()) {
-            sparse_prefetch((const char *) w->data + rows[k + SPARSE_PREFETCH]*row_size, row_size);
-        }
-        const int64_t i = rows[k];
-        const char * row = (const char *) w->data + i*row_size;
-        for (int64_t t = 0; t < n_tok; ++t) {
-            if (sparse_active(mask, i, t)) {
-                traits->vec_dot((int) n_embd, out + t*n_ff + i, 0, row, 0, xq + t*xq_nb, 0, 1);
+    const size_t        row_size = w->nb[1];
+    const sparse_dot4_t dot4     = sparse_dot4(w->type);
+    for (size_t k = 0; k < rows.size(); ) {
+        const size_t nr = dot4 && k + 4 <= rows.size() ? 4 : 1;
+        // the hardware prefetcher follows a run of consecutive rows, not a jump to the next one
+        for (size_t r = k + SPARSE_PREFETCH_ROWS; r < k + SPARSE_PREFETCH_ROWS + nr && r < rows.size(); ++r) {
+            if (rows[r] != rows[r - 1] + 1) {
+                sparse_prefetch_l2((const char *) w->data + rows[r]*row_size, row_size);
             }
         }
+        const char * row[4];
+        for (size_t r = 0; r < nr; ++r) {
+            row[r] = (const char *) w->data + rows[k + r]*row_size;
+        }
+        for (int64_t t = 0; t < n_tok; ++t) {
+            const char * xt = xq + t*xq_nb;
+            bool all = nr == 4;
+            for (size_t r = 0; r < nr && all; ++r) {
+                all = sparse_active(mask, rows[k + r], t);
+            }
+            if (all) {
+                float o[4];
+                dot4(n_embd, row, xt, o);
+                for (int r = 0; r < 4; ++r) {
+                    out[t*n_ff + rows[k + r]] = o[r];
+                }
+                continue;
+            }
+            for (size_t r = 0; r < nr; ++r) {
+                const int64_t i = rows[k + r];
+                if (sparse_active(mask, i, t)) {
+                    traits->vec_dot((int) n_embd, out + t*n_ff + i, 0, row[r], 0, xt, 0, 1);
+                }
+            }
+        }
+        k += nr;
     }
 }
 
@@ -345,82 +490,105 @@ static void sparse_down_ref(const ggml_compute_params * params, ggml_tensor * ds
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-// One token, AVX-512: out[j0, j1) += h_i * down_t_i[j0, j1) over the active rows i, 256 columns
-// at a time held in 16 registers, so the output is written once per chunk instead of once per
-// row. B describes a 32-column block of the row: its bytes and how to add h * it to 2 registers.
+// AVX-512: out[j0, j1) += h_i * down_t_i[j0, j1) over the active rows i, the output columns of
+// a chunk held in registers while the rows stream through. B describes a 32-column block of a
+// row: its bytes, decode (its 32 weights before the scale, and the scale) and axpy (add h times
+// the decoded block to 2 registers). Every token's sum is taken in row order with the same
+// operations whether it is decoded alone or in a batch, so the results are bit-identical.
+
+struct sparse_blk_val {
+    __m512 q0, q1; // the block's quants (or values) as floats
+    float  d, m;   // weight = d*q + m
+};
 
 struct sparse_blk_q4_0 {
     static constexpr size_t size = sizeof(block_q4_0);
-    static void axpy(const void * p, float h, __m512 & a0, __m512 & a1) {
+    static void decode(const void * p, sparse_blk_val & v) {
         const block_q4_0 * b = (const block_q4_0 *) p;
-        const __m512  s  = _mm512_set1_ps(h * GGML_CPU_FP16_TO_FP32(b->d));
         const __m128i q  = _mm_loadu_si128((const __m128i *) b->qs);
         const __m128i m4 = _mm_set1_epi8(0x0F);
         const __m128i e8 = _mm_set1_epi8(8);
-        const __m128i lo = _mm_sub_epi8(_mm_and_si128(q, m4), e8);                    // columns 0..15
-        const __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(q, 4), m4), e8); // columns 16..31
-        a0 = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)), a0);
-        a1 = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)), a1);
+        v.q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_sub_epi8(_mm_and_si128(q, m4), e8)));                    // columns 0..15
+        v.q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(q, 4), m4), e8))); // columns 16..31
+        v.d  = GGML_CPU_FP16_TO_FP32(b->d);
+    }
+    static void axpy(const sparse_blk_val & v, float h, __m512 & a0, __m512 & a1) {
+        const __m512 s = _mm512_set1_ps(h * v.d);
+        a0 = _mm512_fmadd_ps(s, v.q0, a0);
+        a1 = _mm512_fmadd_ps(s, v.q1, a1);
     }
 };
 
 struct sparse_blk_q4_1 {
     static constexpr size_t size = sizeof(block_q4_1);
-    static void axpy(const void * p, float h, __m512 & a0, __m512 & a1) {
+    static void decode(const void * p, sparse_blk_val & v) {
         const block_q4_1 * b  = (const block_q4_1 *) p;
         const ggml_half  * dm = (const ggml_half *) b; // d, then m
-        const __m512  s  = _mm512_set1_ps(h * GGML_CPU_FP16_TO_FP32(dm[0]));
-        const __m512  m  = _mm512_set1_ps(h * GGML_CPU_FP16_TO_FP32(dm[1]));
         const __m128i q  = _mm_loadu_si128((const __m128i *) b->qs);
         const __m128i m4 = _mm_set1_epi8(0x0F);
-        const __m128i lo = _mm_and_si128(q, m4);
-        const __m128i hi = _mm_and_si128(_mm_srli_epi16(q, 4), m4);
-        a0 = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), _mm512_add_ps(a0, m));
-        a1 = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), _mm512_add_ps(a1, m));
+        v.q0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(q, m4)));
+        v.q1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), m4)));
+        v.d  = GGML_CPU_FP16_TO_FP32(dm[0]);
+        v.m  = GGML_CPU_FP16_TO_FP32(dm[1]);
+    }
+    static void axpy(const sparse_blk_val & v, float h, __m512 & a0, __m512 & a1) {
+        const __m512 s = _mm512_set1_ps(h * v.d);
+        const __m512 m = _mm512_set1_ps(h * v.m);
+        a0 = _mm512_fmadd_ps(s, v.q0, _mm512_add_ps(a0, m));
+        a1 = _mm512_fmadd_ps(s, v.q1, _mm512_add_ps(a1, m));
     }
 };
 
 struct sparse_blk_q8_0 {
     static constexpr size_t size = sizeof(block_q8_0);
-    static void axpy(const void * p, float h, __m512 & a0, __m512 & a1) {
+    static void decode(const void * p, sparse_blk_val & v) {
         const block_q8_0 * b = (const block_q8_0 *) p;
-        const __m512 s = _mm512_set1_ps(h * GGML_CPU_FP16_TO_FP32(b->d));
-        a0 = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *) b->qs))),      a0);
-        a1 = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *) (b->qs + 16)))), a1);
+        v.q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *) b->qs)));
+        v.q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *) (b->qs + 16))));
+        v.d  = GGML_CPU_FP16_TO_FP32(b->d);
+    }
+    static void axpy(const sparse_blk_val & v, float h, __m512 & a0, __m512 & a1) {
+        sparse_blk_q4_0::axpy(v, h, a0, a1);
     }
 };
 
-struct sparse_blk_f16 {
-    static constexpr size_t size = 32*sizeof(ggml_fp16_t);
-    static void axpy(const void * p, float h, __m512 & a0, __m512 & a1) {
+// float types: the values themselves, d = 1
+struct sparse_blk_float {
+    static void axpy(const sparse_blk_val & v, float h, __m512 & a0, __m512 & a1) {
         const __m512 s = _mm512_set1_ps(h);
-        a0 = _mm512_fmadd_ps(s, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) p)),                            a0);
-        a1 = _mm512_fmadd_ps(s, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) ((const ggml_fp16_t *) p + 16))), a1);
+        a0 = _mm512_fmadd_ps(s, v.q0, a0);
+        a1 = _mm512_fmadd_ps(s, v.q1, a1);
     }
 };
 
-struct sparse_blk_bf16 {
+struct sparse_blk_f16 : sparse_blk_float {
+    static constexpr size_t size = 32*sizeof(ggml_fp16_t);
+    static void decode(const void * p, sparse_blk_val & v) {
+        v.q0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) p));
+        v.q1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) ((const ggml_fp16_t *) p + 16)));
+    }
+};
+
+struct sparse_blk_bf16 : sparse_blk_float {
     static constexpr size_t size = 32*sizeof(ggml_bf16_t);
     static __m512 load16(const void * p) {
         return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *) p)), 16));
     }
-    static void axpy(const void * p, float h, __m512 & a0, __m512 & a1) {
-        const __m512 s = _mm512_set1_ps(h);
-        a0 = _mm512_fmadd_ps(s, load16(p),                              a0);
-        a1 = _mm512_fmadd_ps(s, load16((const ggml_bf16_t *) p + 16), a1);
+    static void decode(const void * p, sparse_blk_val & v) {
+        v.q0 = load16(p);
+        v.q1 = load16((const ggml_bf16_t *) p + 16);
     }
 };
 
-struct sparse_blk_f32 {
+struct sparse_blk_f32 : sparse_blk_float {
     static constexpr size_t size = 32*sizeof(float);
-    static void axpy(const void * p, float h, __m512 & a0, __m512 & a1) {
-        const __m512 s = _mm512_set1_ps(h);
-        a0 = _mm512_fmadd_ps(s, _mm512_loadu_ps((const float *) p),      a0);
-        a1 = _mm512_fmadd_ps(s, _mm512_loadu_ps((const float *) p + 16), a1);
+    static void decode(const void * p, sparse_blk_val & v) {
+        v.q0 = _mm512_loadu_ps((const float *) p);
+        v.q1 = _mm512_loadu_ps((const float *) p + 16);
     }
 };
 
-// blocks [c, c + NB) of every active row into out (NB <= 8: 2*NB registers)
+// One token: blocks [c, c + NB) of every active row into out (NB <= 8: 2*NB registers)
 template <typename B, int NB>
 static void sparse_down_chunk(const char * data, size_t nb1, const std::vector<std::pair<int32_t, float>> & act,
         int64_t c, float * out) {
@@ -436,7 +604,9 @@ static void sparse_down_chunk(const char * data, size_t nb1, const std::vector<s
         const float  h   = act[r].second;
 #pragma GCC unroll 8
         for (int b = 0; b < NB; ++b) {
-            B::axpy(blk + b*B::size, h, acc[2*b], acc[2*b + 1]);
+            sparse_blk_val v;
+            B::decode(blk + b*B::size, v);
+            B::axpy(v, h, acc[2*b], acc[2*b + 1]);
         }
     }
     for (int k = 0; k < 2*NB; ++k) {
@@ -456,45 +626,79 @@ static void sparse_down_rows(const char * data, size_t nb1, const std::vector<st
     }
 }
 
-// the 32 weights of a block as floats
-template <typename B>
-static void sparse_blk_load(const void * p, __m512 & v0, __m512 & v1) {
-    v0 = _mm512_setzero_ps();
-    v1 = _mm512_setzero_ps();
-    B::axpy(p, 1.0f, v0, v1);
+// Several tokens: NT tokens x NB blocks (2*NB*NT registers), continuing from the partial sums
+// in out, over the rows [i0, i1) that one of the tokens uses. A block is decoded once and added
+// to every token of the group; a token whose h is 0 adds exactly 0, so its sum is the one it
+// gets alone (the weights being finite).
+template <typename B, int NB, int NT>
+static void sparse_down_group(const char * data, size_t nb1, const float * h, size_t h_nb1,
+        int64_t i0, int64_t i1, int64_t c, float * out, int64_t n_embd) {
+    __m512 acc[NT][2*NB];
+    for (int t = 0; t < NT; ++t) {
+        for (int k = 0; k < 2*NB; ++k) {
+            acc[t][k] = _mm512_loadu_ps(out + t*n_embd + c*32 + 16*k);
+        }
+    }
+    for (int64_t i = i0; i < i1; ++i) {
+        float ht[NT];
+        bool  any = false;
+        for (int t = 0; t < NT; ++t) {
+            ht[t] = *(const float *) ((const char *) h + t*h_nb1 + i*sizeof(float));
+            any   = any || ht[t] != 0.0f;
+        }
+        if (!any) {
+            continue;
+        }
+        for (int b = 0; b < NB; ++b) {
+            sparse_blk_val v;
+            B::decode(data + i*nb1 + (c + b)*B::size, v);
+            for (int t = 0; t < NT; ++t) {
+                B::axpy(v, ht[t], acc[t][2*b], acc[t][2*b + 1]);
+            }
+        }
+    }
+    for (int t = 0; t < NT; ++t) {
+        for (int k = 0; k < 2*NB; ++k) {
+            _mm512_storeu_ps(out + t*n_embd + c*32 + 16*k, acc[t][k]);
+        }
+    }
 }
 
-// Several tokens: 64 output columns at a time, each active row dequantized once into 4
-// registers and added to every token that uses it (the [n_tokens, 64] output tile stays in
-// cache); the weights are read once.
-template <typename B>
-static void sparse_down_tiles(const char * data, size_t nb1, const ggml_tensor * h,
-        int64_t j0, int64_t j1, float * out, int64_t n_embd) {
-    const int64_t n_ff  = h->ne[0];
+// rows [i0, i1) of blocks [c, c + NB) into every token, in groups of up to 6 tokens
+template <typename B, int NB>
+static void sparse_down_groups(const char * data, size_t nb1, const ggml_tensor * h,
+        int64_t i0, int64_t i1, int64_t c, float * out, int64_t n_embd) {
     const int64_t n_tok = h->ne[1];
+    const size_t  h_nb1 = h->nb[1];
+    for (int64_t t = 0; t < n_tok; t += 6) {
+        const float * ht = (const float *) ((const char *) h->data + t*h_nb1);
+        float       * ot = out + t*n_embd;
+        switch (std::min<int64_t>(6, n_tok - t)) {
+            case 1:  sparse_down_group<B, NB, 1>(data, nb1, ht, h_nb1, i0, i1, c, ot, n_embd); break;
+            case 2:  sparse_down_group<B, NB, 2>(data, nb1, ht, h_nb1, i0, i1, c, ot, n_embd); break;
+            case 3:  sparse_down_group<B, NB, 3>(data, nb1, ht, h_nb1, i0, i1, c, ot, n_embd); break;
+            case 4:  sparse_down_group<B, NB, 4>(data, nb1, ht, h_nb1, i0, i1, c, ot, n_embd); break;
+            case 5:  sparse_down_group<B, NB, 5>(data, nb1, ht, h_nb1, i0, i1, c, ot, n_embd); break;
+            default: sparse_down_group<B, NB, 6>(data, nb1, ht, h_nb1, i0, i1, c, ot, n_embd); break;
+        }
+    }
+}
+
+// Several tokens: 64 columns at a time, SPARSE_DOWN_ROWS rows at a time (their blocks stay in
+// L1 while every token group goes over them)
+static constexpr int64_t SPARSE_DOWN_ROWS = 128;
+
+template <typename B>
+static void sparse_down_tokens(const char * data, size_t nb1, const ggml_tensor * h,
+        int64_t j0, int64_t j1, float * out, int64_t n_embd) {
+    const int64_t n_ff = h->ne[0];
     for (int64_t c = j0/32; c < j1/32; c += 2) {
-        const int nb = std::min<int64_t>(2, j1/32 - c);
-        for (int64_t i = 0; i < n_ff; ++i) {
-            const char * blk = data + i*nb1 + c*B::size;
-            __m512 v[4];
-            bool loaded = false;
-            for (int64_t t = 0; t < n_tok; ++t) {
-                const float ht = *(const float *) ((const char *) h->data + i*sizeof(float) + t*h->nb[1]);
-                if (ht == 0.0f) {
-                    continue;
-                }
-                if (!loaded) {
-                    sparse_blk_load<B>(blk, v[0], v[1]);
-                    if (nb == 2) {
-                        sparse_blk_load<B>(blk + B::size, v[2], v[3]);
-                    }
-                    loaded = true;
-                }
-                float * o = out + t*n_embd + c*32;
-                const __m512 s = _mm512_set1_ps(ht);
-                for (int k = 0; k < 2*nb; ++k) {
-                    _mm512_storeu_ps(o + 16*k, _mm512_fmadd_ps(s, v[k], _mm512_loadu_ps(o + 16*k)));
-                }
+        for (int64_t i0 = 0; i0 < n_ff; i0 += SPARSE_DOWN_ROWS) {
+            const int64_t i1 = std::min(n_ff, i0 + SPARSE_DOWN_ROWS);
+            if (c + 2 <= j1/32) {
+                sparse_down_groups<B, 2>(data, nb1, h, i0, i1, c, out, n_embd);
+            } else {
+                sparse_down_groups<B, 1>(data, nb1, h, i0, i1, c, out, n_embd);
             }
         }
     }
@@ -506,7 +710,7 @@ static void sparse_down_block(const char * data, size_t nb1, const ggml_tensor *
     if (h->ne[1] == 1) {
         sparse_down_rows<B>(data, nb1, act, j0, j1, out);
     } else {
-        sparse_down_tiles<B>(data, nb1, h, j0, j1, out, n_embd);
+        sparse_down_tokens<B>(data, nb1, h, j0, j1, out, n_embd);
     }
 }
 

@@ -252,13 +252,13 @@ def test_sequences_at_different_levels_share_a_batch(sparse_smollm2: Path) -> No
         for seq in levels:
             for step in range(2):
                 # upstream's own alone-vs-batched difference, how far the level moves the logits.
-                # A batch's sparse axpy sums in tiles, one token's row by row: the last bits
-                # differ, and a score that close to a threshold flips its mask, which later
-                # layers carry on (up to 16 % of the level's effect measured, level 0.1).
+                # The batched kernels sum each token as it is summed alone (0.0 measured here):
+                # what is left is upstream's, which a score near a threshold could amplify
+                # (before they did, 0.16 x the effect was measured at level 0.1).
                 upstream = np.abs(noise[0][seq][step] - noise[1][seq][step]).mean()
                 effect = np.abs(alone[seq][step] - noise[0][seq][step]).mean()
                 diff = np.abs(together[seq][step] - alone[seq][step]).mean()
-                bound = 3 * upstream + 0.2 * effect + 0.01
+                bound = 3 * upstream + 0.05 * effect + 1e-3
                 assert diff <= bound, (seq, step, diff, upstream, effect)
                 if levels[seq] is not None:  # its own level, not a neighbour's
                     assert effect > 0.1 and diff < 0.3 * effect, (seq, step, diff, effect)
