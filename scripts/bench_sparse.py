@@ -27,6 +27,7 @@ docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -37,6 +38,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import benchdoc
 from gguf import GGUFReader
@@ -177,10 +179,24 @@ def reachable(model: Path) -> dict[str, list[float]]:
     }
 
 
+def converter_hash() -> str:
+    """Digest of the installed converter's sources (reinstalling does not change it)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(pipeline.__file__).parent.glob("*.py")):
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def converted(sparse: Path) -> bool:
-    """A cached sparse file exists and is newer than the installed converter."""
-    converter = max(f.stat().st_mtime for f in Path(pipeline.__file__).parent.glob("*.py"))
-    return sparse.exists() and sparse.stat().st_mtime >= converter
+    """A cached sparse file exists and was made by the installed converter."""
+    stamp = sparse.with_suffix(".converter")
+    return sparse.exists() and stamp.exists() and stamp.read_text() == converter_hash()
+
+
+def convert_cached(dense: Path, sparse: Path, **kwargs: Any) -> None:
+    """convert(), then record which converter made the file."""
+    convert(dense, sparse, **kwargs)
+    sparse.with_suffix(".converter").write_text(converter_hash())
 
 
 def sparse_model(dense: Path, threads: int | None = None) -> Path:
@@ -189,7 +205,7 @@ def sparse_model(dense: Path, threads: int | None = None) -> Path:
     sparse = models.model_dir() / "sparse" / f"{dense.stem}.sparse.gguf"
     if not converted(sparse):
         sparse.parent.mkdir(parents=True, exist_ok=True)
-        convert(dense, sparse, threads=threads)
+        convert_cached(dense, sparse, threads=threads)
     return sparse
 
 
@@ -209,7 +225,7 @@ def prepare(args: argparse.Namespace, tmp: Path) -> list[ModelRun]:
             tokenizer = models.fetch(models.DEFAULT_MODEL)
             synthetic.write_synthetic(dense, tokenizer, shape, n_layer=args.syn_layers, qtype=qtype)
         if not converted(sparse):
-            convert(dense, sparse, n_tokens=2048, threads=args.threads)
+            convert_cached(dense, sparse, n_tokens=2048, threads=args.threads)
         runs.append(
             ModelRun(f"synthetic 7B {qt} ({args.syn_layers} layers)", dense, sparse, synthetic=True)
         )
