@@ -18,9 +18,9 @@
 //             would leave one thread with most of the work. A thread gathers
 //             its active rows, prefetches them into L2 (unless nearly all of
 //             its long rows are active: the hardware prefetcher follows those)
-//             and takes
-//             them four at a time where it has a four-row kernel (AVX2: Q4_0,
-//             Q4_1, Q8_0), one at a time with the type's vec_dot otherwise.
+//             and takes them four at a time where it has a four-row kernel
+//             (AVX2: Q4_0, Q4_1, Q8_0), one at a time with the type's vec_dot
+//             otherwise.
 //   mask      elementwise, each token's row split in contiguous ranges
 //   down      the output columns split in block-aligned slices. AVX-512
 //             (Q4_0, Q4_1, Q8_0, F16, BF16, F32): one token keeps 256 output
@@ -55,7 +55,7 @@
 
 static constexpr int64_t SPARSE_ROW_CHUNK = 16;
 static constexpr size_t  SPARSE_ALIGN     = 64;
-static constexpr int     SPARSE_PREFETCH  = 16; // down_t rows ahead (8 and 16 measured alike; 4 was slower at s = 0.5)
+static constexpr int     SPARSE_PREFETCH  = 16; // down_t rows ahead (chosen with the old skip-row product: 8 and 16 alike, 4 slower)
 // skip-row product: weight bytes prefetched ahead, unless at least SPARSE_PREFETCH_DENSE of the
 // rows are read and rows are at least SPARSE_PREFETCH_LONG_ROW bytes (a page)
 static constexpr size_t  SPARSE_PREFETCH_BYTES    = 32768;
@@ -389,7 +389,7 @@ static void sparse_mul_mat(const ggml_compute_params * params, ggml_tensor * dst
     // ahead. When nearly every row is read and rows span pages, the hardware prefetcher follows
     // the long runs and software prefetches only compete with it. Measured, 70B shapes, Q4_K:
     // all rows 1.5x slower with them, half the rows 1.2x faster; SmolLM2 (360-byte rows) at
-    // level 0.1, most rows read: 1.3x faster with them.
+    // level 0.1, most rows read: 1.4x faster with them.
     const int64_t n_mine   = (n_chunk - params->ith + params->nth - 1)/params->nth*SPARSE_ROW_CHUNK;
     const bool    prefetch = row_size < SPARSE_PREFETCH_LONG_ROW || (int64_t) rows.size() < SPARSE_PREFETCH_DENSE*n_mine;
     const size_t  ahead    = std::clamp<size_t>(SPARSE_PREFETCH_BYTES/row_size, 2, 32);

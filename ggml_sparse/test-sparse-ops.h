@@ -272,6 +272,10 @@ static void make_test_cases_sparse(std::vector<std::unique_ptr<test_case>> & tes
             test_cases.emplace_back(new test_sparse_op(GGML_OP_SPARSE_MASK,    GGML_TYPE_F32, s.n_embd, s.n_ff, s.n_tok, sp));
         }
     }
+    // a batch of several 6-token groups and a tail: the batched axpy (ggml-sparse-cpu.cpp)
+    for (ggml_type type : { GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_BF16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0, GGML_TYPE_Q4_1 }) {
+        test_cases.emplace_back(new test_sparse_op(GGML_OP_SPARSE_DOWN, type, 512, 1377, 13, 0.5f));
+    }
     for (ggml_type type : types) {
         test_cases.emplace_back(new test_sparse_op(GGML_OP_SPARSE_MUL_MAT, type, 256, 1000, 3, 0.0f, false));
     }
