@@ -36,9 +36,18 @@ bytes and the error of every threshold combination of a layer at once.
 * ``greedy`` (after TEAL's greedy search): start dense, repeatedly take the
   step (one layer, one point, next grid threshold) that skips bytes at the
   least added error per byte, and record the thresholds when the level is
-  reached;
-* ``cats_error``: baseline, CATS-style plain ``|act(g)|`` thresholding at
-  point 2 with the same per-layer sparsity, for comparison.
+  reached. It has the least error as defined above, but not the least KL
+  divergence of the model's output: it piles the level onto the few layers
+  where one neuron dominates (SmolLM2 at level 0.1: 73 % and 61 % in two
+  layers, 4-7 % in most), and a layer's relative error does not say how much
+  the model's output depends on that layer. ``uniform`` is the default: its
+  mean KL over both real models at levels 0.1-0.6 is the lowest, though
+  greedy's is lower on Gemma-3 from 0.3 on (scripts/bench_allocation.py);
+* ``cats`` (the baseline of CATS): point 2 only, on the plain score
+  ``|act(g)|`` (no weight-aware scales), every layer skipping the same
+  fraction of its bytes (predict mode: alpha fixed at the calibrated
+  ``predictor_alpha`` as in ``uniform``). The converter makes point 2's score
+  plain by storing ``ffn_up_absmean = 1 / ffn_down_norm`` (docs/FORMAT.md).
 """
 
 from __future__ import annotations
@@ -53,6 +62,10 @@ from .calibrate import CalibrationStats
 
 DEFAULT_LEVELS = tuple(round(0.1 * i, 1) for i in range(1, 10))
 DEFAULT_PRECISION = 0.99
+ALLOCATIONS = ("greedy", "uniform", "cats")
+# the allocation with the lowest mean KL against the dense model over both real models
+# and levels (scripts/bench_allocation.py, docs/BENCHMARKS.md)
+DEFAULT_ALLOCATION = "uniform"
 
 
 # -- predictor ---------------------------------------------------------------
@@ -124,18 +137,23 @@ def _keep(stats: CalibrationStats, il: int, keep: list[np.ndarray] | None) -> np
 
 
 def _scores(
-    stats: CalibrationStats, il: int, cols: np.ndarray, ref: CalibrationStats | None = None
+    stats: CalibrationStats,
+    il: int,
+    cols: np.ndarray,
+    ref: CalibrationStats | None = None,
+    plain_gate: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(n_neg, s2, s3) on ``stats``' sample tokens, kept neurons only.
 
     The per-neuron scales (``up_absmean``, ``down_norm``) come from ``ref``
     (the calibration run that writes them into the GGUF), default ``stats``.
+    ``plain_gate``: s2 is plain ``|act(g)|`` (allocation ``cats``).
     """
     ref = ref or stats
     a = stats.sample_act(il)[:, cols]
     u = stats.sample_up[il][:, cols].astype(np.float32)
     dn = ref.down_norm[il][cols]
-    s2 = np.abs(a) * (ref.up_absmean[il][cols] * dn)
+    s2 = np.abs(a) if plain_gate else np.abs(a) * (ref.up_absmean[il][cols] * dn)
     s3 = np.abs(a * u) * dn
     return stats.sample_nneg[il][:, cols], s2, s3
 
@@ -196,13 +214,14 @@ def _layer_grids(
     grid: int,
     grid_predict: tuple[int, int],
     rng: np.random.Generator,
+    plain_gate: bool = False,
 ) -> tuple[_LayerGrid, _LayerGrid]:
     """The layer's grids for mode threshold and mode predict.
 
     Mode predict's point-2/3 grids are every ``stride``-th entry of mode
     threshold's, so one binning serves both (bin // stride).
     """
-    nneg, s2, s3 = _scores(stats, il, cols)
+    nneg, s2, s3 = _scores(stats, il, cols, plain_gate=plain_gate)
     nneg, s2, s3 = nneg.ravel(), s2.ravel(), s3.ravel()
     n_embd = stats.n_embd
     k1, k23 = grid_predict
@@ -261,7 +280,7 @@ class ModeTable:
 @dataclass
 class Tables:
     levels: np.ndarray  # [L]
-    allocation: str  # "greedy" or "uniform"
+    allocation: str  # "greedy", "uniform" or "cats"
     predictor_alpha: np.ndarray  # [n_layer]
     threshold: ModeTable  # mode threshold (points 2 and 3)
     predict: ModeTable  # mode predict (points 1, 2 and 3)
@@ -270,6 +289,11 @@ class Tables:
         """Per level: does mode ``threshold``/``predict`` reach it on the calibration sample?"""
         t = self.threshold if mode == "threshold" else self.predict
         return t.achieved >= self.levels - tol
+
+    @property
+    def plain_gate(self) -> bool:
+        """Point 2 scores plain ``|act(g)|`` (``ffn_up_absmean`` is ``1 / ffn_down_norm``)."""
+        return self.allocation == "cats"
 
     def metadata(self) -> dict[str, Any]:
         """The ``sparse.*`` table keys of docs/FORMAT.md (arrays level-major)."""
@@ -317,12 +341,16 @@ def _mode_table(grids: list[_LayerGrid], states: np.ndarray) -> ModeTable:
     )
 
 
-def _uniform(grids: list[_LayerGrid], levels: np.ndarray, predict: bool) -> np.ndarray:
+def _uniform(
+    grids: list[_LayerGrid], levels: np.ndarray, predict: bool, up: bool = True
+) -> np.ndarray:
+    """Every layer skips the same fraction of its bytes: points 2 and 3 at the same
+    quantile index (``up``) or point 2 alone; predict mode adds the calibrated alpha."""
     states = np.zeros((len(levels), len(grids), 3), dtype=np.int64)
     for il, g in enumerate(grids):
         K1, K2, _ = g.frac.shape
         k1 = K1 - 1 if predict else 0
-        diag = np.array([g.frac[k1, k, k] for k in range(K2)])
+        diag = np.array([g.frac[k1, k, k if up else 0] for k in range(K2)])
         for lv, level in enumerate(levels):
             if predict and diag[0] > level:  # the predictor alone skips too much
                 col = g.frac[:, 0, 0]
@@ -330,7 +358,8 @@ def _uniform(grids: list[_LayerGrid], levels: np.ndarray, predict: bool) -> np.n
                 states[lv, il] = (j, 0, 0)
             else:
                 states[lv, il] = (k1, int(np.argmin(np.abs(diag - level))), 0)
-                states[lv, il, 2] = states[lv, il, 1]
+                if up:
+                    states[lv, il, 2] = states[lv, il, 1]
     return states
 
 
@@ -386,7 +415,7 @@ def allocate(
     stats: CalibrationStats,
     levels: tuple[float, ...] | np.ndarray = DEFAULT_LEVELS,
     *,
-    method: str = "greedy",
+    method: str = DEFAULT_ALLOCATION,
     precision: float = DEFAULT_PRECISION,
     keep: list[np.ndarray] | None = None,
     row_bytes: np.ndarray | None = None,
@@ -396,7 +425,7 @@ def allocate(
 ) -> Tables:
     """Threshold tables for ``levels`` (fractions of FFN weight bytes skipped).
 
-    ``method``: ``greedy`` or ``uniform``. ``keep``: per layer, the dense
+    ``method``: ``greedy``, ``uniform`` or ``cats``. ``keep``: per layer, the dense
     indices (or a boolean mask) of the neurons the sparse model keeps; the
     others are dead and count neither as bytes nor as error. ``grid``:
     threshold candidates per point in mode threshold; ``grid_predict``:
@@ -407,7 +436,7 @@ def allocate(
     """
     if row_bytes is not None:
         stats = dataclasses.replace(stats, row_bytes=np.asarray(row_bytes, dtype=np.float64))
-    if method not in ("greedy", "uniform"):
+    if method not in ALLOCATIONS:
         raise ValueError(f"unknown allocation method {method!r}")
     lv = np.asarray(levels, dtype=np.float64)
     if np.any(np.diff(lv) <= 0) or lv.min() <= 0 or lv.max() >= 1:
@@ -418,15 +447,17 @@ def allocate(
     g_thr: list[_LayerGrid] = []
     g_pre: list[_LayerGrid] = []
     for il in range(stats.n_layer):
-        a, b = _layer_grids(stats, il, cols[il], float(alpha_cal[il]), grid, grid_predict, rng)
+        a, b = _layer_grids(
+            stats, il, cols[il], float(alpha_cal[il]), grid, grid_predict, rng, method == "cats"
+        )
         g_thr.append(a)
         g_pre.append(b)
     if method == "greedy":
         s_thr = _greedy(g_thr, lv, (2, 3))
         s_pre = _greedy(g_pre, lv, (1, 2, 3))
     else:
-        s_thr = _uniform(g_thr, lv, predict=False)
-        s_pre = _uniform(g_pre, lv, predict=True)
+        s_thr = _uniform(g_thr, lv, predict=False, up=method == "uniform")
+        s_pre = _uniform(g_pre, lv, predict=True, up=method == "uniform")
     return Tables(
         levels=lv.astype(np.float32),
         allocation=method,
@@ -455,6 +486,7 @@ def apply_rows(
     *,
     ref: CalibrationStats | None = None,
     keep: list[np.ndarray] | None = None,
+    plain_gate: bool = False,
 ) -> list[Applied]:
     """Apply table rows (``[R, n_layer]`` arrays of point-1/2/3 thresholds) to
     ``stats``' sample tokens with the runtime's rules, independently of the
@@ -462,6 +494,7 @@ def apply_rows(
 
     ``ref``: the calibration run whose ``up_absmean``/``down_norm`` the GGUF
     stores (use it when ``stats`` is a held-out run); default ``stats``.
+    ``plain_gate``: point 2 scores plain ``|act(g)|`` (``Tables.plain_gate``).
     """
     alpha, gate, up = (np.atleast_2d(np.asarray(a, dtype=np.float32)) for a in (alpha, gate, up))
     R = alpha.shape[0]
@@ -470,7 +503,7 @@ def apply_rows(
     tb = np.zeros(stats.n_layer)
     for il in range(stats.n_layer):
         cols = _keep(stats, il, keep)
-        nneg, s2, s3 = _scores(stats, il, cols, ref)
+        nneg, s2, s3 = _scores(stats, il, cols, ref, plain_gate)
         e = s3.astype(np.float64) ** 2
         etot = max(float(e.sum()), 1e-300)
         bg, bu, bd = stats.row_bytes[il]
@@ -503,7 +536,9 @@ def apply_tables(
 ) -> list[Applied]:
     """Apply every level of mode ``threshold`` or ``predict`` of ``tables``."""
     t = tables.threshold if mode == "threshold" else tables.predict
-    return apply_rows(stats, t.alpha, t.gate, t.up, ref=ref, keep=keep)
+    return apply_rows(
+        stats, t.alpha, t.gate, t.up, ref=ref, keep=keep, plain_gate=tables.plain_gate
+    )
 
 
 def apply_level(
@@ -518,32 +553,6 @@ def apply_level(
     """Apply row ``level`` of mode ``threshold`` or ``predict`` of ``tables``."""
     t = tables.threshold if mode == "threshold" else tables.predict
     sl = slice(level, level + 1)
-    return apply_rows(stats, t.alpha[sl], t.gate[sl], t.up[sl], ref=ref, keep=keep)[0]
-
-
-def cats_error(
-    stats: CalibrationStats,
-    levels: tuple[float, ...] | np.ndarray = DEFAULT_LEVELS,
-    keep: list[np.ndarray] | None = None,
-) -> np.ndarray:
-    """Baseline (CATS): per layer, threshold plain ``|act(g)|`` at point 2 so
-    every layer skips the same byte fraction; returns the mean relative error
-    per level (NaN where point 2 alone cannot reach the level).
-    """
-    out = np.zeros(len(levels))
-    for lv, level in enumerate(levels):
-        errs = []
-        for il in range(stats.n_layer):
-            cols = _keep(stats, il, keep)
-            a = np.abs(stats.sample_act(il)[:, cols])
-            s3 = np.abs(stats.sample_h(il)[:, cols]) * stats.down_norm[il][cols]
-            bg, bu, bd = stats.row_bytes[il]
-            frac_neurons = level * (bg + bu + bd) / (bu + bd)
-            if frac_neurons > 1:
-                errs.append(np.nan)
-                continue
-            t = np.quantile(a, frac_neurons)
-            e = s3.astype(np.float64) ** 2
-            errs.append(e[a < t].sum() / max(e.sum(), 1e-300))
-        out[lv] = np.mean(errs)
-    return out
+    return apply_rows(
+        stats, t.alpha[sl], t.gate[sl], t.up[sl], ref=ref, keep=keep, plain_gate=tables.plain_gate
+    )[0]

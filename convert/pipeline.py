@@ -18,7 +18,7 @@ import numpy as np
 from llama_sparse import quality
 
 from . import structure
-from .allocate import DEFAULT_LEVELS, Tables, allocate
+from .allocate import DEFAULT_ALLOCATION, DEFAULT_LEVELS, Tables, allocate
 from .calibrate import CalibrationStats, calibrate
 from .structure import QT, LayerPlan, SparsePlan
 from .text import calibration_text
@@ -133,7 +133,7 @@ def convert(
     source: str = "",
     n_tokens: int = 16384,
     levels: tuple[float, ...] = DEFAULT_LEVELS,
-    allocation: str = "greedy",
+    allocation: str = DEFAULT_ALLOCATION,
     dead_tolerance: float = DEFAULT_DEAD_TOLERANCE,
     prune: bool = True,
     reorder: bool = True,
@@ -154,6 +154,7 @@ def convert(
     )
     plan.down_type = down_type
     tables = allocate(stats, levels, method=allocation, keep=[lp.keep for lp in plan.layers])
+    plan.plain_gate = tables.plain_gate
     plan.metadata.update(tables.metadata())
     # what each mode reached on calibration text, per level: the runtime refuses
     # a level its mode cannot reach (threshold mode always reads the gate rows)

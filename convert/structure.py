@@ -80,6 +80,9 @@ class SparsePlan:
     # extra sparse.* keys (tables, calibration, ...); typed by add_metadata
     metadata: dict[str, Any] = field(default_factory=dict)
     down_type: QT | None = None  # None: the input's type when it fits (see DOWN_T_FALLBACK)
+    # point 2 scores plain |act(g)| (allocation cats): ffn_up_absmean is written as
+    # 1 / ffn_down_norm instead of the layers' up_absmean
+    plain_gate: bool = False
     # the last requantized ffn_down_t per layer, (type, raw rows): a rewrite in the same
     # type (pipeline.write_checked) does not compensate again
     down_t_cache: dict[int, tuple[QT, np.ndarray]] = field(default_factory=dict, repr=False)
@@ -319,14 +322,19 @@ def _layer_tensors(
         raw = quantize_rows_compensated(down_t, qtype, lp.down_input)
         plan.down_t_cache[il] = (qtype, raw)
     stored = dequantize(raw, qtype).reshape(len(keep), model.n_embd)
+    down_norm = np.linalg.norm(stored, axis=1).astype(np.float32)
+    if plan.plain_gate:  # a zero row contributes nothing: score 0, always skipped
+        up_absmean = np.divide(1.0, down_norm, out=np.zeros_like(down_norm), where=down_norm > 0)
+    else:
+        up_absmean = np.asarray(lp.up_absmean, dtype=np.float32)
     gate = model.tensor(f"blk.{il}.ffn_gate.weight")
     g = dequantize(gate.data[keep], gate.tensor_type).reshape(len(keep), model.n_embd)
     out += [
         (f"blk.{il}.ffn_down_t.weight", raw, qtype),
         (f"blk.{il}.ffn_gate_sign", pack_signs(g), None),
         (f"blk.{il}.ffn_neuron_index", keep.astype(np.int32), None),
-        (f"blk.{il}.ffn_down_norm", np.linalg.norm(stored, axis=1).astype(np.float32), None),
-        (f"blk.{il}.ffn_up_absmean", np.asarray(lp.up_absmean, dtype=np.float32), None),
+        (f"blk.{il}.ffn_down_norm", down_norm, None),
+        (f"blk.{il}.ffn_up_absmean", up_absmean, None),
     ]
     return out, reason
 

@@ -301,7 +301,7 @@ static void make_test_cases_sparse(std::vector<std::unique_ptr<test_case>> & tes
 
 // kernel speed at 7B and 70B FFN shapes, beside the dense mat-vec of the same weight
 static void make_test_cases_sparse_perf(std::vector<std::unique_ptr<test_case>> & test_cases) {
-    for (ggml_type type : { GGML_TYPE_Q4_0, GGML_TYPE_Q4_K, GGML_TYPE_Q8_0, GGML_TYPE_F16 }) {
+    for (ggml_type type : { GGML_TYPE_Q4_0, GGML_TYPE_Q4_K, GGML_TYPE_Q5_0, GGML_TYPE_Q8_0, GGML_TYPE_F16 }) {
         for (auto [n_embd, n_ff] : { std::pair<int64_t, int64_t>{4096, 11008}, {8192, 28672} }) {
             test_cases.emplace_back(new test_mul_mat(type, GGML_TYPE_F32, n_ff, 1, n_embd, {1, 1}, {1, 1}));
             test_cases.emplace_back(new test_mul_mat(type, GGML_TYPE_F32, n_embd, 1, n_ff, {1, 1}, {1, 1}));

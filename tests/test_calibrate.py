@@ -47,6 +47,11 @@ def uniform(cal: calibrate.CalibrationStats) -> allocate.Tables:
     return allocate.allocate(cal, method="uniform")
 
 
+@pytest.fixture(scope="module")
+def cats(cal: calibrate.CalibrationStats) -> allocate.Tables:
+    return allocate.allocate(cal, method="cats")
+
+
 # -- text --------------------------------------------------------------------
 
 
@@ -204,8 +209,9 @@ def test_levels_hold_on_held_out_tokens(
     held: calibrate.CalibrationStats,
     greedy: allocate.Tables,
     uniform: allocate.Tables,
+    cats: allocate.Tables,
 ) -> None:
-    for tables in (greedy, uniform):
+    for tables in (greedy, uniform, cats):
         table = getattr(tables, mode)
         reachable = 0
         on_cal = allocate.apply_tables(cal, tables, mode)
@@ -226,21 +232,24 @@ def test_levels_hold_on_held_out_tokens(
 
 
 def test_greedy_beats_uniform_and_cats(
-    cal: calibrate.CalibrationStats, greedy: allocate.Tables, uniform: allocate.Tables
+    greedy: allocate.Tables, uniform: allocate.Tables, cats: allocate.Tables
 ) -> None:
-    cats = allocate.cats_error(cal, greedy.levels)
     for lv, level in enumerate(greedy.levels):
-        g, u = greedy.threshold, uniform.threshold
+        g, u, c = greedy.threshold, uniform.threshold, cats.threshold
         if g.achieved[lv] < level - 0.01:
             continue
         assert abs(u.achieved[lv] - g.achieved[lv]) < 0.01
+        assert abs(c.achieved[lv] - g.achieved[lv]) < 0.01
         assert g.error[lv] <= u.error[lv]
-        assert g.error[lv] <= cats[lv]
+        assert g.error[lv] <= c.error[lv]
         assert greedy.predict.error[lv] <= uniform.predict.error[lv]
     # at 50 % the difference is not marginal
     i50 = int(np.argmin(np.abs(greedy.levels - 0.5)))
     assert greedy.threshold.error[i50] < 0.9 * uniform.threshold.error[i50]
-    assert uniform.threshold.error[i50] < cats[i50]
+    assert uniform.threshold.error[i50] < cats.threshold.error[i50]
+    # CATS skips at point 2 only, on the plain |act(g)|
+    assert np.all(cats.threshold.up == 0) and np.all(cats.predict.up == 0)
+    assert cats.plain_gate and not greedy.plain_gate
 
 
 def test_dead_neurons_excluded(cal: calibrate.CalibrationStats) -> None:

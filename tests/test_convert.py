@@ -34,7 +34,7 @@ def test_converted_file_has_tables_and_hot_first_order(converted: Path) -> None:
                 "sparse.predict.gate", "sparse.predict.up"):  # fmt: skip
         assert len(kv[key]) == len(levels) * n_layer, key
     assert len(kv["sparse.predictor.alpha"]) == n_layer
-    assert kv["sparse.allocation"] == "greedy"
+    assert kv["sparse.allocation"] == "uniform"
     assert kv["sparse.calibration.tokens"] == 2048
     assert "pydoc_data" in kv["sparse.calibration.source"]
     # thresholds grow with the level
@@ -97,3 +97,38 @@ def test_converted_model_runs(converted: Path) -> None:
     assert llm.is_sparse
     out = llm.create_completion("The capital of France is", max_tokens=8, temperature=0.0)
     assert "Paris" in out["choices"][0]["text"]
+
+
+def layer_sparsity(model: Path, level: float) -> np.ndarray:
+    """Per-layer byte sparsity mode threshold reaches at `level` on evaluation text."""
+    from llama_sparse import Llama
+    from llama_sparse.convert.text import evaluation_text
+
+    llm = Llama(model_path=str(model), n_ctx=1024, n_batch=256, n_threads=2, verbose=False,
+                sparse_mode="threshold", sparsity=level)  # fmt: skip
+    llm.eval(llm.tokenize(evaluation_text()[0][:4000].encode())[:512])
+    layers = np.array(llm.sparse_stats()["layers"])
+    llm.close()
+    return layers
+
+
+def test_cats_allocation_thresholds_plain_gate(smollm2: Path, tmp_path: Path) -> None:
+    """--allocation cats: point 2 alone, on plain |act(g)|, the same share in every
+    layer; the runtime follows it through ffn_up_absmean = 1 / ffn_down_norm."""
+    out = tmp_path / "cats.gguf"
+    proc = cli("convert", str(smollm2), str(out), "--allocation", "cats", "--tokens", "2048",
+               "--down-type", "q8_0", "-t", "2")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "levels (cats allocation)" in proc.stdout
+    r = GGUFReader(out)
+    assert r.fields["sparse.allocation"].contents() == "cats"
+    assert not np.any(r.fields["sparse.threshold.up"].contents())
+    t = {t.name: np.asarray(t.data) for t in r.tensors}
+    for il in (0, 29):
+        norm, absmean = t[f"blk.{il}.ffn_down_norm"], t[f"blk.{il}.ffn_up_absmean"]
+        np.testing.assert_allclose(absmean * norm, 1.0, rtol=1e-6)
+    # thresholds in units of |act(g)| meet the level only if the runtime's score is |act(g)|
+    cats = layer_sparsity(out, 0.5)
+    assert abs(cats.mean() - 0.5) < 0.1, cats
+    # the same share in every layer, within the text's noise
+    assert cats.std() < 0.03, cats
