@@ -312,7 +312,7 @@ def main() -> int:
     ap.add_argument("--synthetic", nargs="*", default=["q4_0", "q4_k"], help="synthetic 7B types")
     ap.add_argument("--syn-layers", type=int, default=4, help="synthetic model layers (default: 4)")
     ap.add_argument("--levels", type=float, nargs="*", default=[0.1, 0.3, 0.5, 0.6, 0.7, 0.9])
-    ap.add_argument("--kernel-types", nargs="*", default=["q4_0", "q4_K", "q8_0", "f16"])
+    ap.add_argument("--kernel-types", nargs="*", default=["q4_0", "q4_K", "q5_0", "q8_0", "f16"])
     ap.add_argument("--no-kernels", action="store_true", help="skip the kernel table")
     ap.add_argument("--threads", type=int, default=2, help="threads (default: 2)")
     ap.add_argument("--reps", type=int, default=3, help="llama-bench -r (default: 3)")
