@@ -255,43 +255,35 @@ static float sparse_hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-// Q4_0 x Q8_0: sum (q - 8) y = sum q y - 8 sum y, the second term once per block for all rows
-static void sparse_dot4_q4_0(int64_t n, const char * const * rows, const void * vy, float * out) {
-    const block_q8_0 * y = (const block_q8_0 *) vy;
-    __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps() };
-    for (int64_t ib = 0; ib < n/QK8_0; ++ib) {
-        const __m256i qy  = _mm256_loadu_si256((const __m256i *) y[ib].qs);
-        const __m256i off = _mm256_sub_epi32(_mm256_setzero_si256(), sparse_dpbusd(_mm256_setzero_si256(), _mm256_set1_epi8(8), qy));
-        const float   dy  = GGML_CPU_FP16_TO_FP32(y[ib].d);
-        for (int r = 0; r < 4; ++r) {
-            const block_q4_0 * x = (const block_q4_0 *) rows[r] + ib;
-            const __m256 p = _mm256_cvtepi32_ps(sparse_dpbusd(off, sparse_nibbles(x->qs), qy));
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(GGML_CPU_FP16_TO_FP32(x->d)*dy), p, acc[r]);
-        }
-    }
-    for (int r = 0; r < 4; ++r) {
-        out[r] = sparse_hsum(acc[r]);
-    }
+// the 32 quants of a Q4_0 block in [0, 15]
+static __m256i sparse_quants(const block_q4_0 * x) {
+    return sparse_nibbles(x->qs);
 }
 
-// Q5_0 x Q8_0: Q4_0 with a fifth bit per weight (bit k of qh is weight k's 16) and offset 16
-static void sparse_dot4_q5_0(int64_t n, const char * const * rows, const void * vy, float * out) {
-    const block_q8_0 * y = (const block_q8_0 *) vy;
-    // byte k of a broadcast qh gets qh's byte k/8, then tests its bit k%8
+// the 32 quants of a Q5_0 block in [0, 31]: bit k of qh is weight k's 16 (byte k of a broadcast
+// qh gets qh's byte k/8, then tests its bit k%8)
+static __m256i sparse_quants(const block_q5_0 * x) {
     const __m256i spread = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
     const __m256i bit    = _mm256_set1_epi64x(0x8040201008040201);
+    uint32_t qh;
+    memcpy(&qh, x->qh, sizeof(qh));
+    const __m256i hb = _mm256_and_si256(bit, _mm256_shuffle_epi8(_mm256_set1_epi32((int) qh), spread));
+    return _mm256_or_si256(sparse_nibbles(x->qs), _mm256_and_si256(_mm256_cmpeq_epi8(hb, bit), _mm256_set1_epi8(16)));
+}
+
+// Q4_0 (OFF 8) and Q5_0 (OFF 16) x Q8_0: sum (q - OFF) y = sum q y - OFF sum y, the second term
+// once per block for all rows
+template <typename block, int OFF>
+static void sparse_dot4_offset(int64_t n, const char * const * rows, const void * vy, float * out) {
+    const block_q8_0 * y = (const block_q8_0 *) vy;
     __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps() };
     for (int64_t ib = 0; ib < n/QK8_0; ++ib) {
         const __m256i qy  = _mm256_loadu_si256((const __m256i *) y[ib].qs);
-        const __m256i off = _mm256_sub_epi32(_mm256_setzero_si256(), sparse_dpbusd(_mm256_setzero_si256(), _mm256_set1_epi8(16), qy));
+        const __m256i off = _mm256_sub_epi32(_mm256_setzero_si256(), sparse_dpbusd(_mm256_setzero_si256(), _mm256_set1_epi8(OFF), qy));
         const float   dy  = GGML_CPU_FP16_TO_FP32(y[ib].d);
         for (int r = 0; r < 4; ++r) {
-            const block_q5_0 * x = (const block_q5_0 *) rows[r] + ib;
-            uint32_t qh;
-            memcpy(&qh, x->qh, sizeof(qh));
-            const __m256i hb = _mm256_and_si256(bit, _mm256_shuffle_epi8(_mm256_set1_epi32((int) qh), spread));
-            const __m256i q  = _mm256_or_si256(sparse_nibbles(x->qs), _mm256_and_si256(_mm256_cmpeq_epi8(hb, bit), _mm256_set1_epi8(16)));
-            const __m256  p  = _mm256_cvtepi32_ps(sparse_dpbusd(off, q, qy));
+            const block * x = (const block *) rows[r] + ib;
+            const __m256  p = _mm256_cvtepi32_ps(sparse_dpbusd(off, sparse_quants(x), qy));
             acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(GGML_CPU_FP16_TO_FP32(x->d)*dy), p, acc[r]);
         }
     }
@@ -344,9 +336,9 @@ static void sparse_dot4_q8_0(int64_t n, const char * const * rows, const void * 
 
 static sparse_dot4_t sparse_dot4(ggml_type type) {
     switch (type) {
-        case GGML_TYPE_Q4_0: return sparse_dot4_q4_0;
+        case GGML_TYPE_Q4_0: return sparse_dot4_offset<block_q4_0, 8>;
         case GGML_TYPE_Q4_1: return sparse_dot4_q4_1;
-        case GGML_TYPE_Q5_0: return sparse_dot4_q5_0;
+        case GGML_TYPE_Q5_0: return sparse_dot4_offset<block_q5_0, 16>;
         case GGML_TYPE_Q8_0: return sparse_dot4_q8_0;
         default:             return nullptr;
     }

@@ -355,12 +355,11 @@ examples:
         "--allocation",
         choices=["greedy", "uniform", "cats"],
         default="uniform",
-        help="how a level is split over mask points and layers: uniform (every layer "
-        "the same share, points 2 and 3 alike; the lowest mean KL divergence over our "
-        "two models), "
-        "greedy (least calibration error per byte skipped) or cats (plain |act(gate)| "
-        "thresholding at point 2, every layer the same share: the CATS baseline) "
-        "(default: uniform)",
+        help="how a level is split over mask points and layers: uniform (every layer the "
+        "same share, points 2 and 3 alike; the lowest mean KL divergence over our two "
+        "models), greedy (least calibration error per byte skipped) or cats (plain "
+        "|act(gate)| thresholding at point 2, every layer the same share: the CATS "
+        "baseline) (default: uniform)",
     )
     conv.add_argument("--dead-tolerance", type=nonnegative, default=0.01,
                       help="prune a neuron whose contribution never exceeded this fraction of "
