@@ -23,8 +23,9 @@
 //             prefetch (the hardware prefetcher follows that stream)
 //   mask      elementwise, each token's row split in contiguous ranges
 //   down      the output columns split in block-aligned slices. AVX-512
-//             (Q4_0, Q4_1, Q8_0, F16, BF16, F32): one token keeps 256 output
-//             columns in 16 registers while the active rows stream through;
+//             (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K, F16, BF16, F32): one token
+//             streams each active row through 2048 output columns whose sums
+//             stay in L1, the rows a few ahead prefetched into L2;
 //             several tokens keep 64 columns of up to 6 tokens in registers,
 //             each block decoded once for all of them, and sum every token in
 //             the one-token order (bit-identical). Otherwise a thread
@@ -55,21 +56,15 @@
 
 static constexpr int64_t SPARSE_ROW_CHUNK = 16;
 static constexpr size_t  SPARSE_ALIGN     = 64;
-static constexpr int     SPARSE_PREFETCH  = 16; // down_t rows ahead (chosen with the old skip-row product: 8 and 16 alike, 4 slower)
+static constexpr int     SPARSE_PREFETCH  = 4;  // down_t rows ahead, one token (4 and 8 alike, 2 slower)
+static constexpr int64_t SPARSE_DOWN_SPAN = 64; // down_t 32-column blocks summed per pass over the rows, one token (32, 128 slower)
 // skip-row product: weight bytes prefetched ahead, unless at least SPARSE_PREFETCH_DENSE of the
 // rows are read and rows are at least SPARSE_PREFETCH_LONG_ROW bytes (a page): a dense run
 static constexpr size_t  SPARSE_PREFETCH_BYTES    = 32768;
 static constexpr double  SPARSE_PREFETCH_DENSE    = 0.9;
 static constexpr size_t  SPARSE_PREFETCH_LONG_ROW = 4096;
 
-// prefetch n bytes from p into the cache (the hardware prefetcher does not follow skipped rows)
-static void sparse_prefetch(const void * p, size_t n) {
-    for (size_t off = 0; off < n; off += 64) {
-        __builtin_prefetch((const char *) p + off);
-    }
-}
-
-// the same into L2 only
+// prefetch n bytes from p into L2 (the hardware prefetcher does not follow skipped rows)
 static void sparse_prefetch_l2(const void * p, size_t n) {
     for (size_t off = 0; off < n; off += 64) {
         __builtin_prefetch((const char *) p + off, 0, 1);
@@ -521,10 +516,12 @@ static void sparse_down_ref(const ggml_compute_params * params, ggml_tensor * ds
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 // AVX-512: out[j0, j1) += h_i * down_t_i[j0, j1) over the active rows i, the output columns of
-// a chunk held in registers while the rows stream through. B describes a 32-column block of a
-// row: its bytes, decode (its 32 weights before the scale, and the scale) and axpy (add h times
-// the decoded block to 2 registers). Every token's sum is taken in row order with the same
-// operations whether it is decoded alone or in a batch, so the results are bit-identical.
+// a chunk held in registers while the rows stream through. B describes how a row stores 32
+// columns: size (bytes of a stored block), nsub (32-column sub-blocks per stored block: 8 for
+// the K-quants' 256), decode (sub-block sub's 32 weights before the scale, and the scale) and
+// axpy (add h times the decoded sub-block to 2 registers). Every token's sum is taken in row
+// order with the same operations whether it is decoded alone or in a batch, so the results are
+// bit-identical.
 
 struct sparse_blk_val {
     __m512 q0, q1; // the block's quants (or values) as floats
@@ -533,7 +530,8 @@ struct sparse_blk_val {
 
 struct sparse_blk_q4_0 {
     static constexpr size_t size = sizeof(block_q4_0);
-    static void decode(const void * p, sparse_blk_val & v) {
+    static constexpr int    nsub = 1;
+    static void decode(const void * p, int, sparse_blk_val & v) {
         const block_q4_0 * b = (const block_q4_0 *) p;
         const __m128i q  = _mm_loadu_si128((const __m128i *) b->qs);
         const __m128i m4 = _mm_set1_epi8(0x0F);
@@ -551,7 +549,8 @@ struct sparse_blk_q4_0 {
 
 struct sparse_blk_q4_1 {
     static constexpr size_t size = sizeof(block_q4_1);
-    static void decode(const void * p, sparse_blk_val & v) {
+    static constexpr int    nsub = 1;
+    static void decode(const void * p, int, sparse_blk_val & v) {
         const block_q4_1 * b  = (const block_q4_1 *) p;
         const ggml_half  * dm = (const ggml_half *) b; // d, then m
         const __m128i q  = _mm_loadu_si128((const __m128i *) b->qs);
@@ -571,7 +570,8 @@ struct sparse_blk_q4_1 {
 
 struct sparse_blk_q8_0 {
     static constexpr size_t size = sizeof(block_q8_0);
-    static void decode(const void * p, sparse_blk_val & v) {
+    static constexpr int    nsub = 1;
+    static void decode(const void * p, int, sparse_blk_val & v) {
         const block_q8_0 * b = (const block_q8_0 *) p;
         v.q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *) b->qs)));
         v.q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *) (b->qs + 16))));
@@ -584,6 +584,7 @@ struct sparse_blk_q8_0 {
 
 // float types: the values themselves, d = 1
 struct sparse_blk_float {
+    static constexpr int nsub = 1;
     static void axpy(const sparse_blk_val & v, float h, __m512 & a0, __m512 & a1) {
         const __m512 s = _mm512_set1_ps(h);
         a0 = _mm512_fmadd_ps(s, v.q0, a0);
@@ -593,7 +594,7 @@ struct sparse_blk_float {
 
 struct sparse_blk_f16 : sparse_blk_float {
     static constexpr size_t size = 32*sizeof(ggml_fp16_t);
-    static void decode(const void * p, sparse_blk_val & v) {
+    static void decode(const void * p, int, sparse_blk_val & v) {
         v.q0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) p));
         v.q1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) ((const ggml_fp16_t *) p + 16)));
     }
@@ -604,7 +605,7 @@ struct sparse_blk_bf16 : sparse_blk_float {
     static __m512 load16(const void * p) {
         return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *) p)), 16));
     }
-    static void decode(const void * p, sparse_blk_val & v) {
+    static void decode(const void * p, int, sparse_blk_val & v) {
         v.q0 = load16(p);
         v.q1 = load16((const ggml_bf16_t *) p + 16);
     }
@@ -612,47 +613,145 @@ struct sparse_blk_bf16 : sparse_blk_float {
 
 struct sparse_blk_f32 : sparse_blk_float {
     static constexpr size_t size = 32*sizeof(float);
-    static void decode(const void * p, sparse_blk_val & v) {
+    static void decode(const void * p, int, sparse_blk_val & v) {
         v.q0 = _mm512_loadu_ps((const float *) p);
         v.q1 = _mm512_loadu_ps((const float *) p + 16);
     }
 };
 
-// One token: blocks [c, c + NB) of every active row into out (NB <= 8: 2*NB registers)
-template <typename B, int NB>
-static void sparse_down_chunk(const char * data, size_t nb1, const std::vector<std::pair<int32_t, float>> & act,
-        int64_t c, float * out) {
-    __m512 acc[2*NB];
-    for (int k = 0; k < 2*NB; ++k) {
-        acc[k] = _mm512_setzero_ps();
-    }
-    for (size_t r = 0; r < act.size(); ++r) {
-        if (r + SPARSE_PREFETCH < act.size()) {
-            sparse_prefetch(data + act[r + SPARSE_PREFETCH].first*nb1 + c*B::size, NB*B::size);
-        }
-        const char * blk = data + act[r].first*nb1 + c*B::size;
-        const float  h   = act[r].second;
-#pragma GCC unroll 8
-        for (int b = 0; b < NB; ++b) {
-            sparse_blk_val v;
-            B::decode(blk + b*B::size, v);
-            B::axpy(v, h, acc[2*b], acc[2*b + 1]);
-        }
-    }
-    for (int k = 0; k < 2*NB; ++k) {
-        _mm512_storeu_ps(out + c*32 + 16*k, acc[k]);
+// K-quants: 256 columns in a stored block, 8 sub-blocks of 32 columns
+static void sparse_scale_min_k4(int j, const uint8_t * q, uint8_t & sc, uint8_t & m) {
+    if (j < 4) {
+        sc = q[j] & 63;
+        m  = q[j + 4] & 63;
+    } else {
+        sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        m  = (q[j + 4] >>  4) | ((q[j]     >> 6) << 4);
     }
 }
 
+// 32 bytes to 32 floats in two registers
+static void sparse_u8_to_ps(__m256i q, sparse_blk_val & v) {
+    v.q0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(q)));
+    v.q1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(q, 1)));
+}
+
+// sub-block sub's nibbles: the low ones of the 32 bytes at qs + 32*(sub/2) for an even sub, the high ones for an odd
+static __m256i sparse_nibbles_k(const uint8_t * qs, int sub) {
+    const __m256i q = _mm256_loadu_si256((const __m256i *) (qs + 32*(sub/2)));
+    return _mm256_and_si256(_mm256_srl_epi16(q, _mm_cvtsi32_si128(4*(sub & 1))), _mm256_set1_epi8(0x0F));
+}
+
+struct sparse_blk_q4_K {
+    static constexpr size_t size = sizeof(block_q4_K);
+    static constexpr int    nsub = QK_K/32;
+    static void decode(const void * p, int sub, sparse_blk_val & v) {
+        const block_q4_K * b  = (const block_q4_K *) p;
+        const ggml_half  * dm = (const ggml_half *) b; // d, then dmin
+        uint8_t sc, m;
+        sparse_scale_min_k4(sub, b->scales, sc, m);
+        sparse_u8_to_ps(sparse_nibbles_k(b->qs, sub), v);
+        v.d = GGML_CPU_FP16_TO_FP32(dm[0]) * sc;
+        v.m = -GGML_CPU_FP16_TO_FP32(dm[1]) * m;
+    }
+    static void axpy(const sparse_blk_val & v, float h, __m512 & a0, __m512 & a1) {
+        sparse_blk_q4_1::axpy(v, h, a0, a1);
+    }
+};
+
+struct sparse_blk_q5_K {
+    static constexpr size_t size = sizeof(block_q5_K);
+    static constexpr int    nsub = QK_K/32;
+    static void decode(const void * p, int sub, sparse_blk_val & v) {
+        const block_q5_K * b  = (const block_q5_K *) p;
+        const ggml_half  * dm = (const ggml_half *) b;
+        uint8_t sc, m;
+        sparse_scale_min_k4(sub, b->scales, sc, m);
+        // the fifth bit: bit sub of each of the 32 qh bytes
+        const __m256i qh = _mm256_loadu_si256((const __m256i *) b->qh);
+        const __m256i hi = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(sub)), _mm256_set1_epi8(1));
+        sparse_u8_to_ps(_mm256_or_si256(sparse_nibbles_k(b->qs, sub), _mm256_slli_epi16(hi, 4)), v);
+        v.d = GGML_CPU_FP16_TO_FP32(dm[0]) * sc;
+        v.m = -GGML_CPU_FP16_TO_FP32(dm[1]) * m;
+    }
+    static void axpy(const sparse_blk_val & v, float h, __m512 & a0, __m512 & a1) {
+        sparse_blk_q4_1::axpy(v, h, a0, a1);
+    }
+};
+
+// Q6_K: 16-column scales, folded into the quants (|q*scale| <= 4096: exact as floats)
+struct sparse_blk_q6_K {
+    static constexpr size_t size = sizeof(block_q6_K);
+    static constexpr int    nsub = QK_K/32;
+    static void decode(const void * p, int sub, sparse_blk_val & v) {
+        const block_q6_K * b = (const block_q6_K *) p;
+        const int half = sub/4; // 128 columns: 64 ql bytes, 32 qh bytes, 8 scales
+        const int k    = sub%4;
+        const __m256i ql = _mm256_loadu_si256((const __m256i *) (b->ql + 64*half + 32*(k & 1)));
+        const __m256i qh = _mm256_loadu_si256((const __m256i *) (b->qh + 32*half));
+        const __m256i lo = _mm256_and_si256(_mm256_srl_epi16(ql, _mm_cvtsi32_si128(4*(k >> 1))), _mm256_set1_epi8(0x0F));
+        const __m256i hi = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2*k)), _mm256_set1_epi8(3));
+        const __m256i q  = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), _mm256_set1_epi8(32));
+        const int8_t * sc = b->scales + 8*half + 2*k;
+        v.q0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))),      _mm512_set1_ps(sc[0]));
+        v.q1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))), _mm512_set1_ps(sc[1]));
+        v.d  = GGML_CPU_FP16_TO_FP32(b->d);
+    }
+    static void axpy(const sparse_blk_val & v, float h, __m512 & a0, __m512 & a1) {
+        sparse_blk_q4_0::axpy(v, h, a0, a1);
+    }
+};
+
+// 32-column block c of a row
+template <typename B>
+static void sparse_blk_decode(const char * row, int64_t c, sparse_blk_val & v) {
+    B::decode(row + c/B::nsub*B::size, (int) (c % B::nsub), v);
+}
+
+// out[0, 32) += h times a decoded block
+template <typename B>
+static void sparse_blk_axpy_out(const sparse_blk_val & v, float h, float * out) {
+    __m512 a0 = _mm512_loadu_ps(out);
+    __m512 a1 = _mm512_loadu_ps(out + 16);
+    B::axpy(v, h, a0, a1);
+    _mm512_storeu_ps(out,      a0);
+    _mm512_storeu_ps(out + 16, a1);
+}
+
+// One token: the active rows stream through one after the other, each read contiguously over a
+// span of SPARSE_DOWN_SPAN blocks whose sums stay in L1 (out), the rows SPARSE_PREFETCH ahead
+// prefetched into L2. (Sums held in registers over 8 blocks of every row in turn were faster
+// only where decoding dominates, Q4_K, and by less than they lost on the others: reading a row
+// in short pieces, far apart in time, wastes memory bandwidth.)
 template <typename B>
 static void sparse_down_rows(const char * data, size_t nb1, const std::vector<std::pair<int32_t, float>> & act,
         int64_t j0, int64_t j1, float * out) {
-    int64_t c = j0/32;
-    for (; c + 8 <= j1/32; c += 8) {
-        sparse_down_chunk<B, 8>(data, nb1, act, c, out);
-    }
-    for (; c < j1/32; ++c) {
-        sparse_down_chunk<B, 1>(data, nb1, act, c, out);
+    for (int64_t cs = j0/32; cs < j1/32; cs += SPARSE_DOWN_SPAN) {
+        const int64_t ce    = std::min(j1/32, cs + SPARSE_DOWN_SPAN);
+        const size_t  off   = cs/B::nsub*B::size;
+        const size_t  bytes = (ce - cs + B::nsub - 1)/B::nsub*B::size;
+        for (size_t r = 0; r < act.size(); ++r) {
+            if (r + SPARSE_PREFETCH < act.size()) {
+                sparse_prefetch_l2(data + act[r + SPARSE_PREFETCH].first*nb1 + off, bytes);
+            }
+            const char * row = data + act[r].first*nb1;
+            const float  h   = act[r].second;
+            int64_t c = cs;
+            for (; c + 8 <= ce; c += 8) {
+                const char * blk = row + c/B::nsub*B::size; // c is a whole number of stored blocks
+#pragma GCC unroll 8
+                for (int b = 0; b < 8; ++b) {
+                    sparse_blk_val v;
+                    B::decode(blk + b/B::nsub*B::size, b % B::nsub, v);
+                    sparse_blk_axpy_out<B>(v, h, out + (c + b)*32);
+                }
+            }
+            for (; c < ce; ++c) {
+                sparse_blk_val v;
+                sparse_blk_decode<B>(row, c, v);
+                sparse_blk_axpy_out<B>(v, h, out + c*32);
+            }
+        }
     }
 }
 
@@ -681,7 +780,7 @@ static void sparse_down_group(const char * data, size_t nb1, const float * h, si
         }
         for (int b = 0; b < NB; ++b) {
             sparse_blk_val v;
-            B::decode(data + i*nb1 + (c + b)*B::size, v);
+            sparse_blk_decode<B>(data + i*nb1, c + b, v);
             for (int t = 0; t < NT; ++t) {
                 B::axpy(v, ht[t], acc[t][2*b], acc[t][2*b + 1]);
             }
@@ -758,6 +857,9 @@ static bool sparse_down_fast(const ggml_tensor * dt, const ggml_tensor * h,
         case GGML_TYPE_Q4_0: sparse_down_block<sparse_blk_q4_0>(data, nb1, h, act, j0, j1, out, n_embd); return true;
         case GGML_TYPE_Q4_1: sparse_down_block<sparse_blk_q4_1>(data, nb1, h, act, j0, j1, out, n_embd); return true;
         case GGML_TYPE_Q8_0: sparse_down_block<sparse_blk_q8_0>(data, nb1, h, act, j0, j1, out, n_embd); return true;
+        case GGML_TYPE_Q4_K: sparse_down_block<sparse_blk_q4_K>(data, nb1, h, act, j0, j1, out, n_embd); return true;
+        case GGML_TYPE_Q5_K: sparse_down_block<sparse_blk_q5_K>(data, nb1, h, act, j0, j1, out, n_embd); return true;
+        case GGML_TYPE_Q6_K: sparse_down_block<sparse_blk_q6_K>(data, nb1, h, act, j0, j1, out, n_embd); return true;
         case GGML_TYPE_F16:  sparse_down_block<sparse_blk_f16> (data, nb1, h, act, j0, j1, out, n_embd); return true;
         case GGML_TYPE_BF16: sparse_down_block<sparse_blk_bf16>(data, nb1, h, act, j0, j1, out, n_embd); return true;
         case GGML_TYPE_F32:  sparse_down_block<sparse_blk_f32> (data, nb1, h, act, j0, j1, out, n_embd); return true;
@@ -767,6 +869,7 @@ static bool sparse_down_fast(const ggml_tensor * dt, const ggml_tensor * h,
 
 static bool sparse_down_has_fast(ggml_type type) {
     return type == GGML_TYPE_Q4_0 || type == GGML_TYPE_Q4_1 || type == GGML_TYPE_Q8_0 ||
+           type == GGML_TYPE_Q4_K || type == GGML_TYPE_Q5_K || type == GGML_TYPE_Q6_K ||
            type == GGML_TYPE_F16  || type == GGML_TYPE_BF16 || type == GGML_TYPE_F32;
 }
 #else

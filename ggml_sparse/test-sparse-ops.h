@@ -273,7 +273,8 @@ static void make_test_cases_sparse(std::vector<std::unique_ptr<test_case>> & tes
         }
     }
     // a batch of several 6-token groups and a tail: the batched axpy (ggml-sparse-cpu.cpp)
-    for (ggml_type type : { GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_BF16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0, GGML_TYPE_Q4_1 }) {
+    for (ggml_type type : { GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_BF16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0, GGML_TYPE_Q4_1,
+                            GGML_TYPE_Q4_K, GGML_TYPE_Q5_K, GGML_TYPE_Q6_K }) {
         test_cases.emplace_back(new test_sparse_op(GGML_OP_SPARSE_DOWN, type, 512, 1377, 13, 0.5f));
     }
     for (ggml_type type : types) {
