@@ -515,11 +515,10 @@ static void sparse_down_ref(const ggml_compute_params * params, ggml_tensor * ds
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-// AVX-512: out[j0, j1) += h_i * down_t_i[j0, j1) over the active rows i, the output columns of
-// a chunk held in registers while the rows stream through. B describes how a row stores 32
-// columns: size (bytes of a stored block), nsub (32-column sub-blocks per stored block: 8 for
-// the K-quants' 256), decode (sub-block sub's 32 weights before the scale, and the scale) and
-// axpy (add h times the decoded sub-block to 2 registers). Every token's sum is taken in row
+// AVX-512: out[j0, j1) += h_i * down_t_i[j0, j1) over the active rows i. B describes how a row
+// stores 32 columns: size (bytes of a stored block), nsub (32-column sub-blocks per stored block:
+// 8 for the K-quants' 256), decode (sub-block sub's 32 weights before the scale, and the scale)
+// and axpy (add h times the decoded sub-block to 2 registers). Every token's sum is taken in row
 // order with the same operations whether it is decoded alone or in a batch, so the results are
 // bit-identical.
 
