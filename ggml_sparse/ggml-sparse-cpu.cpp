@@ -641,15 +641,13 @@ static __m256i sparse_nibbles_k(const uint8_t * qs, int sub) {
     return _mm256_and_si256(_mm256_srl_epi16(q, _mm_cvtsi32_si128(4*(sub & 1))), _mm256_set1_epi8(0x0F));
 }
 
-struct sparse_blk_q4_K {
-    static constexpr size_t size = sizeof(block_q4_K);
-    static constexpr int    nsub = QK_K/32;
-    static void decode(const void * p, int sub, sparse_blk_val & v) {
-        const block_q4_K * b  = (const block_q4_K *) p;
-        const ggml_half  * dm = (const ggml_half *) b; // d, then dmin
+// Q4_K and Q5_K: d, dmin, then 6-bit scales and mins; weight = d*sc*q - dmin*m
+struct sparse_blk_k4 {
+    static constexpr int nsub = QK_K/32;
+    static void scale(const void * b, const uint8_t * scales, int sub, sparse_blk_val & v) {
+        const ggml_half * dm = (const ggml_half *) b;
         uint8_t sc, m;
-        sparse_scale_min_k4(sub, b->scales, sc, m);
-        sparse_u8_to_ps(sparse_nibbles_k(b->qs, sub), v);
+        sparse_scale_min_k4(sub, scales, sc, m);
         v.d = GGML_CPU_FP16_TO_FP32(dm[0]) * sc;
         v.m = -GGML_CPU_FP16_TO_FP32(dm[1]) * m;
     }
@@ -658,23 +656,24 @@ struct sparse_blk_q4_K {
     }
 };
 
-struct sparse_blk_q5_K {
-    static constexpr size_t size = sizeof(block_q5_K);
-    static constexpr int    nsub = QK_K/32;
+struct sparse_blk_q4_K : sparse_blk_k4 {
+    static constexpr size_t size = sizeof(block_q4_K);
     static void decode(const void * p, int sub, sparse_blk_val & v) {
-        const block_q5_K * b  = (const block_q5_K *) p;
-        const ggml_half  * dm = (const ggml_half *) b;
-        uint8_t sc, m;
-        sparse_scale_min_k4(sub, b->scales, sc, m);
+        const block_q4_K * b = (const block_q4_K *) p;
+        sparse_u8_to_ps(sparse_nibbles_k(b->qs, sub), v);
+        scale(b, b->scales, sub, v);
+    }
+};
+
+struct sparse_blk_q5_K : sparse_blk_k4 {
+    static constexpr size_t size = sizeof(block_q5_K);
+    static void decode(const void * p, int sub, sparse_blk_val & v) {
+        const block_q5_K * b = (const block_q5_K *) p;
         // the fifth bit: bit sub of each of the 32 qh bytes
         const __m256i qh = _mm256_loadu_si256((const __m256i *) b->qh);
         const __m256i hi = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(sub)), _mm256_set1_epi8(1));
         sparse_u8_to_ps(_mm256_or_si256(sparse_nibbles_k(b->qs, sub), _mm256_slli_epi16(hi, 4)), v);
-        v.d = GGML_CPU_FP16_TO_FP32(dm[0]) * sc;
-        v.m = -GGML_CPU_FP16_TO_FP32(dm[1]) * m;
-    }
-    static void axpy(const sparse_blk_val & v, float h, __m512 & a0, __m512 & a1) {
-        sparse_blk_q4_1::axpy(v, h, a0, a1);
+        scale(b, b->scales, sub, v);
     }
 };
 
