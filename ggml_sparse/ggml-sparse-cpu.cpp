@@ -18,12 +18,12 @@
 //             would leave one thread with most of the work. A thread gathers
 //             its active rows, prefetches them into L2 and takes them four at
 //             a time where it has a four-row kernel (AVX2: Q4_0, Q4_1, Q5_0,
-//             Q8_0), one at a time with the type's vec_dot otherwise; when
+//             Q8_0; AVX-512: F16), one at a time with the type's vec_dot otherwise; when
 //             nearly all of its long rows are active, one at a time without
 //             prefetch (the hardware prefetcher follows that stream)
 //   mask      elementwise, each token's row split in contiguous ranges
 //   down      the output columns split in block-aligned slices. AVX-512
-//             (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K, F16, BF16, F32): one token
+//             (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K, F16, BF16, F32): one token
 //             streams each active row through 2048 output columns whose sums
 //             stay in L1, the rows a few ahead prefetched into L2;
 //             several tokens keep 64 columns of up to 6 tokens in registers,
@@ -329,12 +329,39 @@ static void sparse_dot4_q8_0(int64_t n, const char * const * rows, const void * 
     }
 }
 
+#if defined(__AVX512F__)
+// F16 x F16 (AVX-512): each 16 values of y converted once for the four rows, sums in F32 as in
+// ggml's vec_dot_f16 (which converts both sides for every row)
+static void sparse_dot4_f16(int64_t n, const char * const * rows, const void * vy, float * out) {
+    const ggml_fp16_t * y = (const ggml_fp16_t *) vy;
+    __m512  acc[4] = { _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps() };
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        const __m512 yv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) (y + j)));
+        for (int r = 0; r < 4; ++r) {
+            const __m256i w = _mm256_loadu_si256((const __m256i *) ((const ggml_fp16_t *) rows[r] + j));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtph_ps(w), yv, acc[r]);
+        }
+    }
+    for (int r = 0; r < 4; ++r) {
+        float sum = _mm512_reduce_add_ps(acc[r]);
+        for (int64_t k = j; k < n; ++k) {
+            sum += GGML_CPU_FP16_TO_FP32(((const ggml_fp16_t *) rows[r])[k]) * GGML_CPU_FP16_TO_FP32(y[k]);
+        }
+        out[r] = sum;
+    }
+}
+#endif
+
 static sparse_dot4_t sparse_dot4(ggml_type type) {
     switch (type) {
         case GGML_TYPE_Q4_0: return sparse_dot4_offset<block_q4_0, 8>;
         case GGML_TYPE_Q4_1: return sparse_dot4_q4_1;
         case GGML_TYPE_Q5_0: return sparse_dot4_offset<block_q5_0, 16>;
         case GGML_TYPE_Q8_0: return sparse_dot4_q8_0;
+#if defined(__AVX512F__)
+        case GGML_TYPE_F16:  return sparse_dot4_f16;
+#endif
         default:             return nullptr;
     }
 }
@@ -514,7 +541,7 @@ static void sparse_down_ref(const ggml_compute_params * params, ggml_tensor * ds
     }
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 // AVX-512: out[j0, j1) += h_i * down_t_i[j0, j1) over the active rows i. B describes how a row
 // stores 32 columns: size (bytes of a stored block), nsub (32-column sub-blocks per stored block:
 // 8 for the K-quants' 256), decode (sub-block sub's 32 weights before the scale, and the scale)
@@ -564,6 +591,27 @@ struct sparse_blk_q4_1 {
         const __m512 m = _mm512_set1_ps(h * v.m);
         a0 = _mm512_fmadd_ps(s, v.q0, _mm512_add_ps(a0, m));
         a1 = _mm512_fmadd_ps(s, v.q1, _mm512_add_ps(a1, m));
+    }
+};
+
+struct sparse_blk_q5_0 {
+    static constexpr size_t size = sizeof(block_q5_0);
+    static constexpr int    nsub = 1;
+    static void decode(const void * p, int, sparse_blk_val & v) {
+        const block_q5_0 * b = (const block_q5_0 *) p;
+        uint32_t qh; // bit k: weight k's 16
+        memcpy(&qh, b->qh, sizeof(qh));
+        const __m128i q   = _mm_loadu_si128((const __m128i *) b->qs);
+        const __m128i m4  = _mm_set1_epi8(0x0F);
+        const __m128i e16 = _mm_set1_epi8(16);
+        const __m128i lo  = _mm_and_si128(q, m4);
+        const __m128i hi  = _mm_and_si128(_mm_srli_epi16(q, 4), m4);
+        v.q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_sub_epi8(_mm_mask_add_epi8(lo, (__mmask16) qh,         lo, e16), e16)));
+        v.q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_sub_epi8(_mm_mask_add_epi8(hi, (__mmask16) (qh >> 16), hi, e16), e16)));
+        v.d  = GGML_CPU_FP16_TO_FP32(b->d);
+    }
+    static void axpy(const sparse_blk_val & v, float h, __m512 & a0, __m512 & a1) {
+        sparse_blk_q4_0::axpy(v, h, a0, a1);
     }
 };
 
@@ -854,6 +902,7 @@ static bool sparse_down_fast(const ggml_tensor * dt, const ggml_tensor * h,
     switch (dt->type) {
         case GGML_TYPE_Q4_0: sparse_down_block<sparse_blk_q4_0>(data, nb1, h, act, j0, j1, out, n_embd); return true;
         case GGML_TYPE_Q4_1: sparse_down_block<sparse_blk_q4_1>(data, nb1, h, act, j0, j1, out, n_embd); return true;
+        case GGML_TYPE_Q5_0: sparse_down_block<sparse_blk_q5_0>(data, nb1, h, act, j0, j1, out, n_embd); return true;
         case GGML_TYPE_Q8_0: sparse_down_block<sparse_blk_q8_0>(data, nb1, h, act, j0, j1, out, n_embd); return true;
         case GGML_TYPE_Q4_K: sparse_down_block<sparse_blk_q4_K>(data, nb1, h, act, j0, j1, out, n_embd); return true;
         case GGML_TYPE_Q5_K: sparse_down_block<sparse_blk_q5_K>(data, nb1, h, act, j0, j1, out, n_embd); return true;
@@ -866,7 +915,7 @@ static bool sparse_down_fast(const ggml_tensor * dt, const ggml_tensor * h,
 }
 
 static bool sparse_down_has_fast(ggml_type type) {
-    return type == GGML_TYPE_Q4_0 || type == GGML_TYPE_Q4_1 || type == GGML_TYPE_Q8_0 ||
+    return type == GGML_TYPE_Q4_0 || type == GGML_TYPE_Q4_1 || type == GGML_TYPE_Q5_0 || type == GGML_TYPE_Q8_0 ||
            type == GGML_TYPE_Q4_K || type == GGML_TYPE_Q5_K || type == GGML_TYPE_Q6_K ||
            type == GGML_TYPE_F16  || type == GGML_TYPE_BF16 || type == GGML_TYPE_F32;
 }

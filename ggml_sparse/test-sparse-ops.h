@@ -254,7 +254,7 @@ static void make_test_cases_sparse(std::vector<std::unique_ptr<test_case>> & tes
     };
     // the types with fast paths, at the 7B shape (quantizing 45M random weights takes a while)
     const std::vector<ggml_type> fast_types = {
-        GGML_TYPE_F16, GGML_TYPE_BF16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0, GGML_TYPE_Q4_1,
+        GGML_TYPE_F16, GGML_TYPE_BF16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0, GGML_TYPE_Q4_1, GGML_TYPE_Q5_0,
         GGML_TYPE_Q4_K, GGML_TYPE_Q5_K, GGML_TYPE_Q6_K,
     };
     struct shape { int64_t n_embd, n_ff, n_tok; };
@@ -273,7 +273,7 @@ static void make_test_cases_sparse(std::vector<std::unique_ptr<test_case>> & tes
         }
     }
     // a batch of several 6-token groups and a tail: the batched axpy (ggml-sparse-cpu.cpp)
-    for (ggml_type type : { GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_BF16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0, GGML_TYPE_Q4_1,
+    for (ggml_type type : { GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_BF16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0, GGML_TYPE_Q4_1, GGML_TYPE_Q5_0,
                             GGML_TYPE_Q4_K, GGML_TYPE_Q5_K, GGML_TYPE_Q6_K }) {
         test_cases.emplace_back(new test_sparse_op(GGML_OP_SPARSE_DOWN, type, 512, 1377, 13, 0.5f));
     }

@@ -197,7 +197,10 @@ def pct(values: list[float]) -> str:
 
 
 def column(
-    results: list[Result], wall: float, server_side: dict[str, Any], bytes_: tuple[float, float]
+    results: list[Result],
+    wall: float,
+    server_side: dict[str, Any],
+    bytes_: tuple[float, float, float],
 ) -> list[tuple[str, str]]:
     """One setting's (measure, value) rows."""
     ok = [r for r in results if r.error is None]
@@ -226,7 +229,8 @@ def column(
         rows.append(("FFN sparsity achieved (request timings)", f"{achieved:.3f}"))
     if server_side.get("sparsity") is not None:
         rows.append(("FFN sparsity achieved (/metrics)", f"{server_side['sparsity']:.3f}"))
-        total, ffn = bytes_
+        # against the same file without "sparsity"; threshold mode reads no sign bits
+        total, ffn, _ = bytes_
         ideal = total / (total - server_side["sparsity"] * ffn)
         rows.append(("ideal decode speedup for that sparsity", f"{ideal:.2f}"))
     return rows

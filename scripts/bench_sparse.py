@@ -13,9 +13,11 @@ Three tables, all measured in the same run, same build, same threads:
 * end to end: llama-bench decode (tg) and prefill (pp) tokens/s of the dense
   GGUF, the sparse GGUF in mode off, and modes threshold and predict at every
   level the mode reaches, for the real models and synthetic GGUFs with
-  Llama-2-7B layer shapes (random weights); beside each, the sparsity the
-  context measured on the evaluation text and the ideal decode speedup for it
-  (all weight bytes a token reads, over those bytes minus the skipped FFN rows);
+  Llama-2-7B layer shapes (random weights; their ffn_down_t keeps the input's
+  type, as quality does not matter there); beside each, the sparsity the
+  context measured on the evaluation text and the ideal decode speedup for it:
+  the weight bytes a dense token reads over those the sparse file's token
+  reads, its skipped FFN rows removed (a wider ffn_down_t counts against it);
 * quality (real models): perplexity, mean KL divergence and top-1 agreement
   against the dense model on the evaluation text (disjoint from calibration).
 
@@ -140,16 +142,23 @@ def llama_bench(model: Path, s: Setting, args: argparse.Namespace) -> tuple[floa
     return pp, tg
 
 
-def weight_bytes(path: Path) -> tuple[float, float]:
-    """Bytes a decoded token reads: all weights but the embedding table (one row), and the FFN's."""
-    total = ffn = 0.0
-    for t in GGUFReader(path).tensors:
-        if t.name == "token_embd.weight" or len(t.shape) < 2:
+def weight_bytes(path: Path) -> tuple[float, float, float]:
+    """Bytes a decoded token reads: all weights but the sign bits and the embedding table (one
+    row; unless the output projection is tied to it); of those, the FFN's; and the sign bits
+    (read in mode predict only)."""
+    tensors = GGUFReader(path).tensors
+    tied = not any(t.name == "output.weight" for t in tensors)
+    total = ffn = signs = 0.0
+    for t in tensors:
+        if (t.name == "token_embd.weight" and not tied) or len(t.shape) < 2:
+            continue
+        if t.name.endswith(".ffn_gate_sign"):
+            signs += t.n_bytes
             continue
         total += t.n_bytes
         if re.search(r"ffn_(gate|up|down_t)\.weight$", t.name):
             ffn += t.n_bytes
-    return total, ffn
+    return total, ffn, signs
 
 
 def measure_sparsity(model: Path, s: Setting, tokens: list[int], threads: int) -> float:
@@ -218,14 +227,15 @@ def prepare(args: argparse.Namespace, tmp: Path) -> list[ModelRun]:
         runs.append(ModelRun(name, dense, sparse_model(dense, args.threads), synthetic=False))
     for qt in args.synthetic:
         dense = cache / f"synthetic-7b-{args.syn_layers}l-{qt}.gguf"
-        sparse = cache / f"synthetic-7b-{args.syn_layers}l-{qt}.sparse.gguf"
+        sparse = cache / f"synthetic-7b-{args.syn_layers}l-{qt}.same-down.sparse.gguf"
+        qtype = synthetic.QT[qt.upper()]
         if not dense.exists():
             shape = synthetic.SHAPES["llama2-7b"]
-            qtype = synthetic.QT[qt.upper()]
             tokenizer = models.fetch(models.DEFAULT_MODEL)
             synthetic.write_synthetic(dense, tokenizer, shape, n_layer=args.syn_layers, qtype=qtype)
         if not converted(sparse):
-            convert_cached(dense, sparse, n_tokens=2048, threads=args.threads)
+            # speed only: ffn_down_t in the dense model's type, whatever requantizing it costs
+            convert_cached(dense, sparse, n_tokens=2048, threads=args.threads, down_type=qtype)
         runs.append(
             ModelRun(f"synthetic 7B {qt} ({args.syn_layers} layers)", dense, sparse, synthetic=True)
         )
@@ -237,15 +247,19 @@ def run_model(m: ModelRun, args: argparse.Namespace, eval_file: Path) -> None:
     m.settings = [Setting("dense", 0.0), Setting("off", 0.0)]
     for mode in ("threshold", "predict"):
         m.settings += [Setting(mode, lv) for lv in reach[mode] if round(lv, 4) in args.levels]
-    total, ffn = weight_bytes(m.sparse)
+    dense_total = weight_bytes(m.dense)[0]
+    total, ffn, signs = weight_bytes(m.sparse)
     llm = Llama(model_path=str(m.sparse), n_ctx=64, verbose=False)
     tokens = llm.tokenize(eval_file.read_text()[:6000].encode())[:768]
     llm.close()
     for s in m.settings:
         s.pp, s.tg = llama_bench(m.dense if s.mode == "dense" else m.sparse, s, args)
-        if s.mode not in ("dense", "off"):
+        if s.mode == "off":
+            s.ideal = dense_total / total
+        elif s.mode != "dense":
             s.achieved = measure_sparsity(m.sparse, s, tokens, args.threads)
-            s.ideal = total / (total - s.achieved * ffn)
+            read = total + (signs if s.mode == "predict" else 0.0) - s.achieved * ffn
+            s.ideal = dense_total / read
         print(f"{m.name} {s.label}: pp {s.pp:.1f} tg {s.tg:.1f} t/s", file=sys.stderr)
     if not m.synthetic:
         sparse = [s for s in m.settings if s.mode != "dense"]
@@ -258,9 +272,9 @@ def run_model(m: ModelRun, args: argparse.Namespace, eval_file: Path) -> None:
 def speed_table(m: ModelRun) -> str:
     dense = m.settings[0]
     lines = [
-        "| setting | sparsity measured | pp t/s | tg t/s | tg speedup | ideal | of ideal gain "
-        "| PPL | mean KLD | top-1 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| setting | sparsity measured | pp t/s | tg t/s | tg speedup | ideal | of ideal speed "
+        "| of ideal gain | PPL | mean KLD | top-1 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in m.settings:
         up = s.tg / dense.tg
@@ -271,9 +285,10 @@ def speed_table(m: ModelRun) -> str:
         )
         achieved = "" if s.achieved is None else f"{s.achieved:.3f}"
         ideal = "" if s.ideal is None else f"{s.ideal:.2f}"
+        of_speed = "" if s.ideal is None else f"{up / s.ideal:.0%}"
         lines.append(
-            f"| {s.label} | {achieved} | {s.pp:.1f} | {s.tg:.1f} | {up:.2f} | {ideal} | {gain} "
-            f"| {qcols} |"
+            f"| {s.label} | {achieved} | {s.pp:.1f} | {s.tg:.1f} | {up:.2f} | {ideal} | {of_speed} "
+            f"| {gain} | {qcols} |"
         )
     return "\n".join(lines)
 
@@ -310,7 +325,7 @@ def main() -> int:
         "--models", nargs="*", default=["smollm2-135m", "gemma3-270m"], help="real models"
     )
     ap.add_argument("--synthetic", nargs="*", default=["q4_0", "q4_k"], help="synthetic 7B types")
-    ap.add_argument("--syn-layers", type=int, default=4, help="synthetic model layers (default: 4)")
+    ap.add_argument("--syn-layers", type=int, default=8, help="synthetic model layers (default: 8)")
     ap.add_argument("--levels", type=float, nargs="*", default=[0.1, 0.3, 0.5, 0.6, 0.7, 0.9])
     ap.add_argument("--kernel-types", nargs="*", default=["q4_0", "q4_K", "q5_0", "q8_0", "f16"])
     ap.add_argument("--no-kernels", action="store_true", help="skip the kernel table")
