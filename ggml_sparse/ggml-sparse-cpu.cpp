@@ -18,8 +18,8 @@
 //             would leave one thread with most of the work. A thread gathers
 //             its active rows, prefetches them into L2 and takes them four at
 //             a time where it has a four-row kernel (AVX2: Q4_0, Q4_1, Q5_0,
-//             Q8_0; AVX-512: F16), one at a time with the type's vec_dot otherwise; when
-//             nearly all of its long rows are active, one at a time without
+//             Q8_0; AVX-512: F16), one at a time with the type's vec_dot
+//             otherwise; when nearly all of its long rows are active, one at a time without
 //             prefetch (the hardware prefetcher follows that stream)
 //   mask      elementwise, each token's row split in contiguous ranges
 //   down      the output columns split in block-aligned slices. AVX-512
