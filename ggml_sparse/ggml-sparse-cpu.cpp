@@ -23,14 +23,19 @@
 //             prefetch (the hardware prefetcher follows that stream)
 //   mask      elementwise, each token's row split in contiguous ranges
 //   down      the output columns split in block-aligned slices. AVX-512
-//             (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K, F16, BF16, F32): one token
-//             streams each active row through 2048 output columns whose sums
-//             stay in L1, the rows a few ahead prefetched into L2;
-//             several tokens keep 64 columns of up to 6 tokens in registers,
-//             each block decoded once for all of them, and sum every token in
-//             the one-token order (bit-identical). Otherwise a thread
-//             dequantizes its slice of each active row of down_t once and adds
-//             it to every token that uses the neuron.
+//             (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K, F16, BF16, F32). With
+//             VNNI and VBMI (Q4_0, Q4_1, Q8_0, Q4_K) each token sums 8 of its
+//             active rows at a time in 32-bit integers, their coefficients h*d
+//             rounded to 16 bits on a scale shared by the 8, in slabs of rows
+//             that a batch's tokens take in turn. In float, one token streams
+//             each active row through 2048 output columns whose sums stay in
+//             L1, the rows a few ahead prefetched into L2; several tokens keep
+//             64 columns of up to 6 tokens in registers, each block decoded
+//             once for all of them, and sum every token in the one-token order.
+//             Either way a token's sums are bit-identical alone and in a
+//             batch. Otherwise a thread dequantizes its slice of each active
+//             row of down_t once and adds it to every token that uses the
+//             neuron.
 
 #define GGML_COMMON_DECL_CPP
 #include "ggml-common.h"
@@ -48,6 +53,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -545,9 +551,8 @@ static void sparse_down_ref(const ggml_compute_params * params, ggml_tensor * ds
 // AVX-512: out[j0, j1) += h_i * down_t_i[j0, j1) over the active rows i. B describes how a row
 // stores 32 columns: size (bytes of a stored block), nsub (32-column sub-blocks per stored block:
 // 8 for the K-quants' 256), decode (sub-block sub's 32 weights before the scale, and the scale)
-// and axpy (add h times the decoded sub-block to 2 registers). Every token's sum is taken in row
-// order with the same operations whether it is decoded alone or in a batch, so the results are
-// bit-identical.
+// and axpy (add h times the decoded sub-block to 2 registers). The float paths take every
+// token's sum in row order with the same operations whether it is decoded alone or in a batch.
 
 struct sparse_blk_val {
     __m512 q0, q1; // the block's quants (or values) as floats
@@ -801,6 +806,277 @@ static void sparse_down_rows(const char * data, size_t nb1, const std::vector<st
     }
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
+// Integer sums (Q4_0, Q4_1, Q8_0, Q4_K). The float path spends about 19 instructions
+// on each 32 weights of a row (decode to floats, then load, multiply-add and store the sums).
+// This one takes SPARSE_DOWN_GROUP active rows at a time. Per 32-column block (a K-quant's
+// sub-block), each row's coefficient h*d becomes a 16-bit integer on a scale shared by the
+// group (its largest is 32767); dpwssd sums the quants times those coefficients in 32-bit
+// integers, two rows per instruction; the scaled sum goes into the float sums once per group.
+// Rounding a coefficient moves it by at most 1/65534 of the group's largest, well below the
+// 8-bit rounding ggml's mat-vec applies to its activations. A block whose coefficients are not
+// all finite takes the float path.
+//
+// Q describes a type: blk (its float path), coef (the coefficients h*d of 16 blocks from c, 0
+// past n, and mins += h*m for a type whose weight is d*q + m), q_off (subtracted from the
+// quants) and madd (add two rows' quants of the `step` blocks from c times their coefficient
+// pairs k[u], the low 16 bits for r0 and the high for r1, to the 32-bit sums a[2u] of columns
+// 0..15 and a[2u + 1] of 16..31).
+static constexpr int SPARSE_DOWN_GROUP = 8;
+
+// permutex2var indices: bytes 2i and 2i + 1 of the result are byte i of a and of b (columns 0..15),
+// or byte 16 + i (columns 16..31)
+static __m256i sparse_pair_lo() {
+    return _mm256_setr_epi8(0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39, 8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47);
+}
+
+static __m256i sparse_pair_hi() {
+    return _mm256_setr_epi8(16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63);
+}
+
+// a0, a1 += the nibbles (low ones first, as Q4_0 and Q4_1 store them) of two rows' 16 bytes
+static void sparse_madd_nibbles(const uint8_t * q0, const uint8_t * q1, __m512i c, __m512i & a0, __m512i & a1) {
+    const __m256i q  = _mm256_permutex2var_epi8(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *) q0)), sparse_pair_lo(),
+                                                _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *) q1)));
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    a0 = _mm512_dpwssd_epi32(a0, _mm512_cvtepu8_epi16(_mm256_and_si256(q, m4)), c);
+    a1 = _mm512_dpwssd_epi32(a1, _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4)), c);
+}
+
+// the 32-bit word at the start of each of 16 blocks of `size` bytes from p (the last n - 16 zero)
+static __m512i sparse_block_heads(const char * p, size_t size, int n) {
+    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32((int) size));
+    return _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), (__mmask16) ((1u << n) - 1), idx, p, 1);
+}
+
+// 16 halves (the low or high 16 bits of each 32-bit lane) as floats
+static __m512 sparse_halves_lo(__m512i v) { return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v)); }
+static __m512 sparse_halves_hi(__m512i v) { return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(v, 16))); }
+
+// h*d of 16 blocks of type B from block c of a row, d a block's first half (Q4_0, Q8_0)
+template <typename B>
+static __m512 sparse_coef_d(const char * row, int64_t c, int n, float h) {
+    return _mm512_mul_ps(_mm512_set1_ps(h), sparse_halves_lo(sparse_block_heads(row + c*B::size, B::size, n)));
+}
+
+struct sparse_i16_q4_0 {
+    using blk = sparse_blk_q4_0;
+    static constexpr int q_off = 8;
+    static constexpr int step  = 1;
+    static void coef(const char * row, int64_t c, int n, float h, __m512 & cf, __m512 &) {
+        cf = sparse_coef_d<blk>(row, c, n, h);
+    }
+    static void madd(const char * r0, const char * r1, int64_t c, const int32_t * k, __m512i * a) {
+        sparse_madd_nibbles(((const block_q4_0 *) r0)[c].qs, ((const block_q4_0 *) r1)[c].qs, _mm512_set1_epi32(k[0]), a[0], a[1]);
+    }
+};
+
+struct sparse_i16_q4_1 {
+    using blk = sparse_blk_q4_1;
+    static constexpr int q_off = 0;
+    static constexpr int step  = 1;
+    static void coef(const char * row, int64_t c, int n, float h, __m512 & cf, __m512 & mins) {
+        const __m512i dm = sparse_block_heads(row + c*blk::size, blk::size, n); // d, then m
+        cf   = _mm512_mul_ps(_mm512_set1_ps(h), sparse_halves_lo(dm));
+        mins = _mm512_fmadd_ps(_mm512_set1_ps(h), sparse_halves_hi(dm), mins);
+    }
+    static void madd(const char * r0, const char * r1, int64_t c, const int32_t * k, __m512i * a) {
+        sparse_madd_nibbles(((const block_q4_1 *) r0)[c].qs, ((const block_q4_1 *) r1)[c].qs, _mm512_set1_epi32(k[0]), a[0], a[1]);
+    }
+};
+
+struct sparse_i16_q8_0 {
+    using blk = sparse_blk_q8_0;
+    static constexpr int q_off = 0;
+    static constexpr int step  = 1;
+    static void coef(const char * row, int64_t c, int n, float h, __m512 & cf, __m512 &) {
+        cf = sparse_coef_d<blk>(row, c, n, h);
+    }
+    static void madd(const char * r0, const char * r1, int64_t c, const int32_t * k, __m512i * a) {
+        const __m256i q0 = _mm256_loadu_si256((const __m256i *) ((const block_q8_0 *) r0)[c].qs);
+        const __m256i q1 = _mm256_loadu_si256((const __m256i *) ((const block_q8_0 *) r1)[c].qs);
+        const __m512i kk = _mm512_set1_epi32(k[0]);
+        a[0] = _mm512_dpwssd_epi32(a[0], _mm512_cvtepi8_epi16(_mm256_permutex2var_epi8(q0, sparse_pair_lo(), q1)), kk);
+        a[1] = _mm512_dpwssd_epi32(a[1], _mm512_cvtepi8_epi16(_mm256_permutex2var_epi8(q0, sparse_pair_hi(), q1)), kk);
+    }
+};
+
+// Q4_K: a block is a 32-column sub-block (c/8 the super-block, c%8 the sub-block);
+// weight = d*sc*q - dmin*m, the 6-bit sc and m decoded per row
+struct sparse_i16_q4_K {
+    using blk = sparse_blk_q4_K;
+    static constexpr int q_off = 0;
+    static constexpr int step  = 2;
+    static void coef(const char * row, int64_t c, int n, float h, __m512 & cf, __m512 & mins) {
+        alignas(16) uint32_t sc[4] = {}; // bytes: the 6-bit scales of 2 super-blocks
+        alignas(16) uint32_t m[4]  = {}; // and their mins
+        float d[2]  = { 0.0f, 0.0f };
+        float dm[2] = { 0.0f, 0.0f };
+        for (int s = 0; s < n/8; ++s) { // n: whole super-blocks (columns split in 256s)
+            const block_q4_K * b  = (const block_q4_K *) row + c/8 + s;
+            const ggml_half  * dd = (const ggml_half *) b; // d, then dmin
+            uint32_t u[3];
+            memcpy(u, b->scales, sizeof(u));
+            // sparse_scale_min_k4 for all 8 sub-blocks, 4 bytes at a time
+            sc[2*s]     = u[0] & 0x3F3F3F3F;
+            m[2*s]      = u[1] & 0x3F3F3F3F;
+            sc[2*s + 1] = (u[2] & 0x0F0F0F0F)        | (((u[0] >> 6) & 0x03030303) << 4);
+            m[2*s + 1]  = ((u[2] >> 4) & 0x0F0F0F0F) | (((u[1] >> 6) & 0x03030303) << 4);
+            d[s]  = h*GGML_CPU_FP16_TO_FP32(dd[0]);
+            dm[s] = -h*GGML_CPU_FP16_TO_FP32(dd[1]);
+        }
+        const __m512 vd  = _mm512_insertf32x8(_mm512_set1_ps(d[0]),  _mm256_set1_ps(d[1]),  1);
+        const __m512 vdm = _mm512_insertf32x8(_mm512_set1_ps(dm[0]), _mm256_set1_ps(dm[1]), 1);
+        cf   = _mm512_mul_ps(vd, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *) sc))));
+        mins = _mm512_fmadd_ps(vdm, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *) m))), mins);
+    }
+    // sub-blocks c and c + 1 (c even): the low and the high nibbles of the 32 bytes at qs + 16*(c%8)
+    static void madd(const char * r0, const char * r1, int64_t c, const int32_t * k, __m512i * a) {
+        const size_t  off = c/8*sizeof(block_q4_K) + offsetof(block_q4_K, qs) + 16*(c % 8);
+        const __m256i q0  = _mm256_loadu_si256((const __m256i *) (r0 + off));
+        const __m256i q1  = _mm256_loadu_si256((const __m256i *) (r1 + off));
+        const __m256i lo  = _mm256_permutex2var_epi8(q0, sparse_pair_lo(), q1); // columns 0..15 of both
+        const __m256i hi  = _mm256_permutex2var_epi8(q0, sparse_pair_hi(), q1); // 16..31
+        const __m256i m4  = _mm256_set1_epi8(0x0F);
+        const __m512i k0  = _mm512_set1_epi32(k[0]);
+        const __m512i k1  = _mm512_set1_epi32(k[1]);
+        a[0] = _mm512_dpwssd_epi32(a[0], _mm512_cvtepu8_epi16(_mm256_and_si256(lo, m4)), k0);
+        a[1] = _mm512_dpwssd_epi32(a[1], _mm512_cvtepu8_epi16(_mm256_and_si256(hi, m4)), k0);
+        a[2] = _mm512_dpwssd_epi32(a[2], _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(lo, 4), m4)), k1);
+        a[3] = _mm512_dpwssd_epi32(a[3], _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(hi, 4), m4)), k1);
+    }
+};
+
+// the n active rows act[0, n) (in row order) of one token into out[j0, j1); the rows up to
+// act[n_ahead) are prefetched ahead
+template <typename Q>
+static void sparse_down_rows_i16(const char * data, size_t nb1, const std::pair<int32_t, float> * act, size_t n,
+        size_t n_ahead, int64_t j0, int64_t j1, float * out) {
+    using B = typename Q::blk;
+    constexpr int G = SPARSE_DOWN_GROUP;
+    const int64_t c0 = j0/32;
+    const int64_t c1 = j1/32;
+    for (size_t g = 0; g < n; g += G) {
+        const int nr = (int) std::min<size_t>(G, n - g);
+        const char * rows[G];
+        float        h[G];
+        for (int k = 0; k < G; ++k) {
+            rows[k] = data + act[g + (k < nr ? k : 0)].first*nb1;
+            h[k]    = k < nr ? act[g + k].second : 0.0f; // a padding row adds 0
+        }
+        for (int64_t cb = c0; cb < c1; cb += 16) {
+            const int nb = (int) std::min<int64_t>(16, c1 - cb);
+            // the next group's same 16 blocks into L2, a steady stream
+            for (size_t r = g + G; r < std::min(n_ahead, g + 2*G); ++r) {
+                sparse_prefetch_l2(data + act[r].first*nb1 + cb/B::nsub*B::size, (nb + B::nsub - 1)/B::nsub*B::size);
+            }
+            // the 16 blocks' coefficients row by row, their largest magnitude and the min terms
+            __m512 cf[G];
+            __m512 amax = _mm512_setzero_ps();
+            __m512 mins = _mm512_setzero_ps();
+            for (int k = 0; k < G; ++k) {
+                Q::coef(rows[k], cb, nb, h[k], cf[k], mins);
+                amax = _mm512_max_ps(amax, _mm512_abs_ps(cf[k]));
+            }
+            const __mmask16 fin = _mm512_cmp_ps_mask(amax, _mm512_set1_ps(INFINITY), _CMP_LT_OQ);
+            const __mmask16 pos = _mm512_cmp_ps_mask(amax, _mm512_setzero_ps(), _CMP_GT_OQ) & fin;
+            const __m512    inv = _mm512_maskz_div_ps(pos, _mm512_set1_ps(32767.0f), amax);
+            alignas(64) int32_t pair[G/2][16];
+            alignas(64) int32_t init[16];
+            alignas(64) float   scale[16];
+            alignas(64) float   add[16];
+            __m512i sum = _mm512_setzero_si512();
+            for (int k = 0; k < G; k += 2) {
+                const __m512i e = _mm512_cvtps_epi32(_mm512_mul_ps(cf[k],     inv));
+                const __m512i o = _mm512_cvtps_epi32(_mm512_mul_ps(cf[k + 1], inv));
+                sum = _mm512_add_epi32(sum, _mm512_add_epi32(e, o));
+                _mm512_store_si512(pair[k/2], _mm512_or_si512(_mm512_and_si512(e, _mm512_set1_epi32(0xFFFF)), _mm512_slli_epi32(o, 16)));
+            }
+            _mm512_store_si512(init, _mm512_mullo_epi32(sum, _mm512_set1_epi32(-Q::q_off)));
+            _mm512_store_ps(scale, _mm512_mul_ps(amax, _mm512_set1_ps(1.0f/32767.0f)));
+            _mm512_store_ps(add, mins);
+            constexpr unsigned all = (1u << Q::step) - 1;
+            for (int j = 0; j < nb; j += Q::step) {
+                const int64_t c = cb + j;
+                float * o = out + c*32;
+                if (((fin >> j) & all) != all) {
+                    for (int u = 0; u < Q::step; ++u) {
+                        for (int k = 0; k < nr; ++k) {
+                            sparse_blk_val v;
+                            sparse_blk_decode<B>(rows[k], c + u, v);
+                            sparse_blk_axpy_out<B>(v, h[k], o + 32*u);
+                        }
+                    }
+                    continue;
+                }
+                __m512i a[2*Q::step];
+                for (int u = 0; u < Q::step; ++u) {
+                    a[2*u] = a[2*u + 1] = _mm512_set1_epi32(init[j + u]);
+                }
+                for (int k = 0; k < nr; k += 2) {
+                    Q::madd(rows[k], rows[k + 1], c, &pair[k/2][j], a);
+                }
+                for (int u = 0; u < Q::step; ++u) {
+                    const __m512 s = _mm512_set1_ps(scale[j + u]);
+                    const __m512 m = _mm512_set1_ps(add[j + u]);
+                    float * ou = o + 32*u;
+                    _mm512_storeu_ps(ou,      _mm512_add_ps(_mm512_fmadd_ps(s, _mm512_cvtepi32_ps(a[2*u]),     _mm512_loadu_ps(ou)),      m));
+                    _mm512_storeu_ps(ou + 16, _mm512_add_ps(_mm512_fmadd_ps(s, _mm512_cvtepi32_ps(a[2*u + 1]), _mm512_loadu_ps(ou + 16)), m));
+                }
+            }
+        }
+    }
+}
+
+// Groups never span two slabs of SPARSE_DOWN_SLAB rows, so a token gets the same sums alone
+// (act: its active rows) and in a batch, where each slab's rows stay in L2 while every token
+// goes over its own active rows in them. (A row whose h is far larger than the rest of its
+// group, a massive activation, leaves the others coarser steps: 1/65534 of it, where ggml's
+// mat-vec rounds every activation of its 32-block to 1/254 of the block's largest.)
+static constexpr int64_t SPARSE_DOWN_SLAB = 512;
+
+template <typename Q>
+static void sparse_down_i16(const char * data, size_t nb1, const ggml_tensor * h,
+        const std::vector<std::pair<int32_t, float>> & act, int64_t j0, int64_t j1, float * out, int64_t n_embd) {
+    if (h->ne[1] == 1) {
+        for (size_t a = 0; a < act.size(); ) {
+            const int64_t end = (act[a].first/SPARSE_DOWN_SLAB + 1)*SPARSE_DOWN_SLAB;
+            size_t b = a;
+            while (b < act.size() && act[b].first < end) {
+                ++b;
+            }
+            sparse_down_rows_i16<Q>(data, nb1, act.data() + a, b - a, act.size() - a, j0, j1, out);
+            a = b;
+        }
+        return;
+    }
+    thread_local std::vector<std::pair<int32_t, float>> slab;
+    const int64_t n_ff = h->ne[0];
+    for (int64_t i0 = 0; i0 < n_ff; i0 += SPARSE_DOWN_SLAB) {
+        const int64_t i1 = std::min(n_ff, i0 + SPARSE_DOWN_SLAB);
+        for (int64_t t = 0; t < h->ne[1]; ++t) {
+            const float * ht = (const float *) ((const char *) h->data + t*h->nb[1]);
+            slab.clear();
+            for (int64_t i = i0; i < i1; ++i) {
+                if (ht[i] != 0.0f) {
+                    slab.emplace_back((int32_t) i, ht[i]);
+                }
+            }
+            sparse_down_rows_i16<Q>(data, nb1, slab.data(), slab.size(), slab.size(), j0, j1, out + t*n_embd);
+        }
+    }
+}
+#else
+// no integer path: sparse_down_block is only ever given I = void
+template <typename Q>
+static void sparse_down_i16(const char *, size_t, const ggml_tensor *, const std::vector<std::pair<int32_t, float>> &, int64_t, int64_t, float *, int64_t);
+using sparse_i16_q4_0 = void;
+using sparse_i16_q4_1 = void;
+using sparse_i16_q8_0 = void;
+using sparse_i16_q4_K = void;
+#endif
+
 // Several tokens: NT tokens x NB blocks (2*NB*NT registers), continuing from the partial sums
 // in out, over the rows [i0, i1) that one of the tokens uses. A block is decoded once and added
 // to every token of the group; a token whose h is 0 adds exactly 0, so its sum is the one it
@@ -879,10 +1155,13 @@ static void sparse_down_tokens(const char * data, size_t nb1, const ggml_tensor 
     }
 }
 
-template <typename B>
+// B: the float block; I: its integer path (void: none)
+template <typename B, typename I = void>
 static void sparse_down_block(const char * data, size_t nb1, const ggml_tensor * h,
         const std::vector<std::pair<int32_t, float>> & act, int64_t j0, int64_t j1, float * out, int64_t n_embd) {
-    if (h->ne[1] == 1) {
+    if constexpr (!std::is_void_v<I>) {
+        sparse_down_i16<I>(data, nb1, h, act, j0, j1, out, n_embd);
+    } else if (h->ne[1] == 1) {
         sparse_down_rows<B>(data, nb1, act, j0, j1, out);
     } else {
         sparse_down_tokens<B>(data, nb1, h, j0, j1, out, n_embd);
@@ -900,11 +1179,11 @@ static bool sparse_down_fast(const ggml_tensor * dt, const ggml_tensor * h,
     const size_t  nb1    = dt->nb[1];
     const int64_t n_embd = dt->ne[0];
     switch (dt->type) {
-        case GGML_TYPE_Q4_0: sparse_down_block<sparse_blk_q4_0>(data, nb1, h, act, j0, j1, out, n_embd); return true;
-        case GGML_TYPE_Q4_1: sparse_down_block<sparse_blk_q4_1>(data, nb1, h, act, j0, j1, out, n_embd); return true;
+        case GGML_TYPE_Q4_0: sparse_down_block<sparse_blk_q4_0, sparse_i16_q4_0>(data, nb1, h, act, j0, j1, out, n_embd); return true;
+        case GGML_TYPE_Q4_1: sparse_down_block<sparse_blk_q4_1, sparse_i16_q4_1>(data, nb1, h, act, j0, j1, out, n_embd); return true;
         case GGML_TYPE_Q5_0: sparse_down_block<sparse_blk_q5_0>(data, nb1, h, act, j0, j1, out, n_embd); return true;
-        case GGML_TYPE_Q8_0: sparse_down_block<sparse_blk_q8_0>(data, nb1, h, act, j0, j1, out, n_embd); return true;
-        case GGML_TYPE_Q4_K: sparse_down_block<sparse_blk_q4_K>(data, nb1, h, act, j0, j1, out, n_embd); return true;
+        case GGML_TYPE_Q8_0: sparse_down_block<sparse_blk_q8_0, sparse_i16_q8_0>(data, nb1, h, act, j0, j1, out, n_embd); return true;
+        case GGML_TYPE_Q4_K: sparse_down_block<sparse_blk_q4_K, sparse_i16_q4_K>(data, nb1, h, act, j0, j1, out, n_embd); return true;
         case GGML_TYPE_Q5_K: sparse_down_block<sparse_blk_q5_K>(data, nb1, h, act, j0, j1, out, n_embd); return true;
         case GGML_TYPE_Q6_K: sparse_down_block<sparse_blk_q6_K>(data, nb1, h, act, j0, j1, out, n_embd); return true;
         case GGML_TYPE_F16:  sparse_down_block<sparse_blk_f16> (data, nb1, h, act, j0, j1, out, n_embd); return true;
