@@ -807,10 +807,11 @@ static void sparse_down_rows(const char * data, size_t nb1, const std::vector<st
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
-// Integer sums (Q4_0, Q4_1, Q8_0, Q4_K). The float path spends about 19 instructions
-// on each 32 weights of a row (decode to floats, then load, multiply-add and store the sums).
-// This one takes SPARSE_DOWN_GROUP active rows at a time. Per 32-column block (a K-quant's
-// sub-block), each row's coefficient h*d becomes a 16-bit integer on a scale shared by the
+// Integer sums (Q4_0, Q4_1, Q8_0, Q4_K). Counted from the source, the float path takes about
+// 19 instructions for each 32 weights of a row (decode to floats, then load, multiply-add and
+// store the sums), this one about 6 (Q4_0: 10 for a pair of rows, 8 to flush a group). It
+// takes SPARSE_DOWN_GROUP active rows at a time. Per 32-column block (a K-quant's sub-block),
+// each row's coefficient h*d becomes a 16-bit integer on a scale shared by the
 // group (its largest is 32767); dpwssd sums the quants times those coefficients in 32-bit
 // integers, two rows per instruction; the scaled sum goes into the float sums once per group.
 // Rounding a coefficient moves it by at most 1/65534 of the group's largest, well below the
@@ -834,14 +835,20 @@ static __m256i sparse_pair_hi() {
     return _mm256_setr_epi8(16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63);
 }
 
-// a0, a1 += the nibbles (low ones first, as Q4_0 and Q4_1 store them) of two rows' 16 bytes
-static void sparse_madd_nibbles(const uint8_t * q0, const uint8_t * q1, __m512i c, __m512i & a0, __m512i & a1) {
-    const __m256i q  = _mm256_permutex2var_epi8(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *) q0)), sparse_pair_lo(),
-                                                _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *) q1)));
-    const __m256i m4 = _mm256_set1_epi8(0x0F);
-    a0 = _mm512_dpwssd_epi32(a0, _mm512_cvtepu8_epi16(_mm256_and_si256(q, m4)), c);
-    a1 = _mm512_dpwssd_epi32(a1, _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4)), c);
-}
+// madd of Q4_0 and Q4_1 (block: their block type): the 16 bytes of nibbles, low ones first
+template <typename block>
+struct sparse_i16_nibbles {
+    static constexpr int step = 1;
+    static void madd(const char * r0, const char * r1, int64_t c, const int32_t * k, __m512i * a) {
+        const __m256i q  = _mm256_permutex2var_epi8(
+            _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *) ((const block *) r0)[c].qs)), sparse_pair_lo(),
+            _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *) ((const block *) r1)[c].qs)));
+        const __m256i m4 = _mm256_set1_epi8(0x0F);
+        const __m512i kk = _mm512_set1_epi32(k[0]);
+        a[0] = _mm512_dpwssd_epi32(a[0], _mm512_cvtepu8_epi16(_mm256_and_si256(q, m4)), kk);
+        a[1] = _mm512_dpwssd_epi32(a[1], _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4)), kk);
+    }
+};
 
 // the 32-bit word at the start of each of 16 blocks of `size` bytes from p (the last n - 16 zero)
 static __m512i sparse_block_heads(const char * p, size_t size, int n) {
@@ -860,29 +867,21 @@ static __m512 sparse_coef_d(const char * row, int64_t c, int n, float h) {
     return _mm512_mul_ps(_mm512_set1_ps(h), sparse_halves_lo(sparse_block_heads(row + c*B::size, B::size, n)));
 }
 
-struct sparse_i16_q4_0 {
+struct sparse_i16_q4_0 : sparse_i16_nibbles<block_q4_0> {
     using blk = sparse_blk_q4_0;
     static constexpr int q_off = 8;
-    static constexpr int step  = 1;
     static void coef(const char * row, int64_t c, int n, float h, __m512 & cf, __m512 &) {
         cf = sparse_coef_d<blk>(row, c, n, h);
     }
-    static void madd(const char * r0, const char * r1, int64_t c, const int32_t * k, __m512i * a) {
-        sparse_madd_nibbles(((const block_q4_0 *) r0)[c].qs, ((const block_q4_0 *) r1)[c].qs, _mm512_set1_epi32(k[0]), a[0], a[1]);
-    }
 };
 
-struct sparse_i16_q4_1 {
+struct sparse_i16_q4_1 : sparse_i16_nibbles<block_q4_1> {
     using blk = sparse_blk_q4_1;
     static constexpr int q_off = 0;
-    static constexpr int step  = 1;
     static void coef(const char * row, int64_t c, int n, float h, __m512 & cf, __m512 & mins) {
         const __m512i dm = sparse_block_heads(row + c*blk::size, blk::size, n); // d, then m
         cf   = _mm512_mul_ps(_mm512_set1_ps(h), sparse_halves_lo(dm));
         mins = _mm512_fmadd_ps(_mm512_set1_ps(h), sparse_halves_hi(dm), mins);
-    }
-    static void madd(const char * r0, const char * r1, int64_t c, const int32_t * k, __m512i * a) {
-        sparse_madd_nibbles(((const block_q4_1 *) r0)[c].qs, ((const block_q4_1 *) r1)[c].qs, _mm512_set1_epi32(k[0]), a[0], a[1]);
     }
 };
 
@@ -948,11 +947,10 @@ struct sparse_i16_q4_K {
     }
 };
 
-// the n active rows act[0, n) (in row order) of one token into out[j0, j1); the rows up to
-// act[n_ahead) are prefetched ahead
+// the n active rows act[0, n) (in row order) of one token into out[j0, j1)
 template <typename Q>
 static void sparse_down_rows_i16(const char * data, size_t nb1, const std::pair<int32_t, float> * act, size_t n,
-        size_t n_ahead, int64_t j0, int64_t j1, float * out) {
+        int64_t j0, int64_t j1, float * out) {
     using B = typename Q::blk;
     constexpr int G = SPARSE_DOWN_GROUP;
     const int64_t c0 = j0/32;
@@ -968,7 +966,7 @@ static void sparse_down_rows_i16(const char * data, size_t nb1, const std::pair<
         for (int64_t cb = c0; cb < c1; cb += 16) {
             const int nb = (int) std::min<int64_t>(16, c1 - cb);
             // the next group's same 16 blocks into L2, a steady stream
-            for (size_t r = g + G; r < std::min(n_ahead, g + 2*G); ++r) {
+            for (size_t r = g + G; r < std::min(n, g + 2*G); ++r) {
                 sparse_prefetch_l2(data + act[r].first*nb1 + cb/B::nsub*B::size, (nb + B::nsub - 1)/B::nsub*B::size);
             }
             // the 16 blocks' coefficients row by row, their largest magnitude and the min terms
@@ -1046,7 +1044,7 @@ static void sparse_down_i16(const char * data, size_t nb1, const ggml_tensor * h
             while (b < act.size() && act[b].first < end) {
                 ++b;
             }
-            sparse_down_rows_i16<Q>(data, nb1, act.data() + a, b - a, act.size() - a, j0, j1, out);
+            sparse_down_rows_i16<Q>(data, nb1, act.data() + a, b - a, j0, j1, out);
             a = b;
         }
         return;
@@ -1063,7 +1061,7 @@ static void sparse_down_i16(const char * data, size_t nb1, const ggml_tensor * h
                     slab.emplace_back((int32_t) i, ht[i]);
                 }
             }
-            sparse_down_rows_i16<Q>(data, nb1, slab.data(), slab.size(), slab.size(), j0, j1, out + t*n_embd);
+            sparse_down_rows_i16<Q>(data, nb1, slab.data(), slab.size(), j0, j1, out + t*n_embd);
         }
     }
 }
