@@ -17,19 +17,24 @@
 //             so the active rows cluster at the start and a contiguous split
 //             would leave one thread with most of the work. A thread gathers
 //             its active rows, prefetches them into L2 and takes them four at
-//             a time where it has a four-row kernel (AVX2: Q4_0, Q4_1, Q5_0,
-//             Q8_0; AVX-512: F16), one at a time with the type's vec_dot
-//             otherwise; when nearly all of its long rows are active, one at a time without
-//             prefetch (the hardware prefetcher follows that stream)
+//             a time where it has a four-row kernel, one at a time otherwise:
+//             AVX512-VNNI row kernels (Q4_0, Q4_1, Q8_0, Q4_K) that read rows
+//             as stored against x laid out once per token under them, else
+//             AVX2 ones (Q4_0, Q4_1, Q5_0, Q8_0; AVX-512: F16), else the
+//             type's vec_dot. When nearly all of its long rows are active,
+//             one at a time through vec_dot without prefetch (the hardware
+//             prefetcher follows that stream)
 //   mask      elementwise, each token's row split in contiguous ranges
 //   down      the output columns split in block-aligned slices. AVX-512
 //             (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K, F16, BF16, F32). With
 //             VNNI and VBMI (Q4_0, Q4_1, Q8_0, Q4_K) each token sums 8 of its
 //             active rows at a time in 32-bit integers, their coefficients h*d
 //             rounded to 16 bits on a scale shared by the 8, in slabs of rows
-//             that a batch's tokens take in turn. In float, one token streams
-//             each active row through 2048 output columns whose sums stay in
-//             L1, the rows a few ahead prefetched into L2; several tokens keep
+//             that a batch's tokens take in turn (up to 4 at a time that have
+//             the same active rows, each row pair unpacked once for them). In
+//             float, one token streams each active row through 2048 output
+//             columns whose sums stay in L1, the rows a few ahead prefetched
+//             into L2; several tokens keep
 //             64 columns of up to 6 tokens in registers, each block decoded
 //             once for all of them, and sum every token in the one-token order.
 //             Either way a token's sums are bit-identical alone and in a
@@ -53,6 +58,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -100,6 +106,19 @@ static void sparse_split(int64_t n, int ith, int nth, int64_t & i0, int64_t & i1
 static float sparse_param(const ggml_tensor * params, int i, int64_t t) {
     return *(const float *) ((const char *) params->data + i*sizeof(float) + ggml_sparse_param_col(params->ne[1], t)*params->nb[1]);
 }
+
+#if defined(__AVX2__)
+// the 6-bit scales and mins of a Q4_K super-block's 8 sub-blocks (ggml's get_scale_min_k4) as
+// bytes: 0..7 the scales, 8..15 the mins. Reads the 12 bytes and 4 beyond (in a block_q4_K, quants).
+static __m128i sparse_scales_mins_k4(const uint8_t * scales) {
+    const __m128i u  = _mm_loadu_si128((const __m128i *) scales);                          // u0, u1, u2
+    const __m128i lo = _mm_and_si128(u, _mm_set1_epi8(0x3F));                               // sc[0], m[0]
+    const __m128i u2 = _mm_srlv_epi32(_mm_shuffle_epi32(u, _MM_SHUFFLE(2, 2, 2, 2)), _mm_setr_epi32(0, 4, 0, 0));
+    const __m128i hi = _mm_or_si128(_mm_and_si128(u2, _mm_set1_epi8(0x0F)),
+                                    _mm_slli_epi32(_mm_and_si128(_mm_srli_epi32(u, 6), _mm_set1_epi8(0x03)), 4)); // sc[1], m[1]
+    return _mm_unpacklo_epi32(lo, hi);
+}
+#endif
 
 //
 // GGML_OP_SPARSE_PREDICT
@@ -377,6 +396,273 @@ static sparse_dot4_t sparse_dot4(ggml_type) {
 }
 #endif
 
+// Rows read as they are stored, 64 bytes at a time (AVX512-VNNI and BW; Q4_0, Q4_1, Q8_0). In
+// these types every 32-bit lane of a row holds quants of one block only, beside its header bytes
+// (blocks are 18, 20 or 34 bytes: they start at a multiple of 2, the header is 2 or 4 bytes), so
+// one dpbusd against x laid out byte for byte under the row sums whole lanes, and the lanes'
+// scales come from the same bytes by one word permute: no shuffle to decode and none to sum a
+// block, which is what limits a one-row dot product (ggml's vec_dot, ggml-cpu) and what ggml's
+// repacked eight-row kernels avoid by interleaving rows, which sparse rows cannot be.
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// x under each 64 bytes of a row (sparse_dot_prepare): sparse_dot_n_x<W> vectors, in order lo
+// and (nibbles) hi, the values under each byte's low and high nibble (or under the byte), zero
+// under headers and past the row; then per 32-bit lane off, the negated OFF times the sum of its
+// values, d, its block's d, and (a min) s, Q8_1's s on the lane of its block's header, else 0
+typedef __m512i sparse_dot_x;
+
+// W: the block, x's block (act: Q8_1 for a type with a min, d q + m), whether each byte holds
+// two quants (low nibble: value k, high: k + 16) or one (k), the header bytes before the quants
+// and OFF (sum (q - OFF) y)
+template <typename B, typename A, ggml_type T, bool NIBBLES, int Q_OFF>
+struct sparse_dot_type {
+    using blk = B;
+    using act = A;
+    static constexpr ggml_type type    = T;
+    static constexpr bool      nibbles = NIBBLES;
+    static constexpr int       head    = (int) sizeof(B) - (NIBBLES ? QK4_0/2 : QK8_0);
+    static constexpr int       OFF     = Q_OFF;
+    static constexpr bool      has_min = std::is_same_v<A, block_q8_1>;
+};
+
+using sparse_dot_q4_0 = sparse_dot_type<block_q4_0, block_q8_0, GGML_TYPE_Q4_0, true,  8>;
+using sparse_dot_q4_1 = sparse_dot_type<block_q4_1, block_q8_1, GGML_TYPE_Q4_1, true,  0>;
+using sparse_dot_q8_0 = sparse_dot_type<block_q8_0, block_q8_0, GGML_TYPE_Q8_0, false, 128>; // q ^ 0x80 = q + 128
+
+template <typename W>
+static constexpr int sparse_dot_n_x = 3 + W::nibbles + W::has_min;
+
+// per 64 bytes of a row, the word of each 32-bit lane's block header among the 128 bytes of the
+// previous 64 and these: the same for every token, and periodic (PERIOD * 64 bytes hold whole
+// blocks)
+template <typename W>
+struct sparse_dot_idx {
+    static constexpr int64_t B      = sizeof(typename W::blk);
+    static constexpr int64_t PERIOD = std::lcm(B, (int64_t) 64) / 64;
+    __m512i idx[PERIOD];
+    sparse_dot_idx() {
+        for (int64_t z = 0; z < PERIOD; ++z) {
+            alignas(64) int16_t w[32] = {};
+            for (int l = 0; l < 16; ++l) {
+                w[l] = (int16_t) (((64*z + 4*l) / B * B - 64*z)/2 + 32);
+            }
+            idx[z] = _mm512_load_si512(w);
+        }
+    }
+};
+
+// lay out y (n values in W::act: block_q8_0 or block_q8_1, d first, then Q8_1's s, then the
+// quants) under rows of W
+template <typename W>
+static void sparse_dot_prepare(const void * vy, int64_t n, sparse_dot_x * xs) {
+    using BY = typename W::act;
+    constexpr int64_t B    = sizeof(typename W::blk);
+    const BY *        y    = (const BY *) vy;
+    const int64_t     nb   = n / QK8_0;
+    const int64_t     n_xs = (int64_t) (ggml_row_size(W::type, n) + 63) / 64;
+    for (int64_t z = 0; z < n_xs; ++z) {
+        alignas(64) int8_t  lo[64] = {}, hi[64] = {};
+        alignas(64) int32_t off[16];
+        alignas(64) float   d[16], s[16];
+        for (int l = 0; l < 16; ++l) {
+            const int64_t p0 = 64*z + 4*l;
+            const int64_t b  = p0 / B;
+            int32_t sum = 0;
+            for (int64_t p = p0; p < p0 + 4; ++p) {
+                const int64_t k = p - b*B - W::head;
+                if (b >= nb || k < 0 || k >= B - W::head) {
+                    continue;
+                }
+                lo[p - 64*z] = y[b].qs[k];
+                hi[p - 64*z] = W::nibbles ? y[b].qs[k + 16] : 0;
+                sum += lo[p - 64*z] + hi[p - 64*z];
+            }
+            const ggml_half * ds = (const ggml_half *) &y[std::min(b, nb - 1)];
+            off[l] = -W::OFF*sum;
+            d[l]   = b < nb ? GGML_CPU_FP16_TO_FP32(ds[0]) : 0.0f;
+            s[l]   = b < nb && p0 == b*B ? GGML_CPU_FP16_TO_FP32(ds[1]) : 0.0f;
+        }
+        sparse_dot_x * x = xs + z*sparse_dot_n_x<W>;
+        *x++ = _mm512_load_si512(lo);
+        if constexpr (W::nibbles) {
+            *x++ = _mm512_load_si512(hi);
+        }
+        *x++ = _mm512_load_si512(off);
+        *x++ = _mm512_castps_si512(_mm512_load_ps(d));
+        if constexpr (W::has_min) {
+            *x++ = _mm512_castps_si512(_mm512_load_ps(s));
+        }
+    }
+}
+
+// out[r] = rows[r] . x for R rows of n values, x laid out by sparse_dot_prepare
+template <typename W, int R>
+static void sparse_dot_rows(int64_t n, const char * const * rows, const void * vx, float * out) {
+    const sparse_dot_x * xs = (const sparse_dot_x *) vx;
+    static const sparse_dot_idx<W> tab;
+    constexpr int   NX   = sparse_dot_n_x<W>;
+    const int64_t   size = (int64_t) ggml_row_size(W::type, n);
+    const int64_t   n_xs = (size + 63) / 64;
+    const int64_t   rest = size - 64*(n_xs - 1);
+    const __mmask64 tail = rest == 64 ? ~(__mmask64) 0 : ((__mmask64) 1 << rest) - 1;
+    const __m512i   m4   = _mm512_set1_epi8(0x0F);
+    __m512  acc[R];
+    __m512i prev[R];
+    for (int r = 0; r < R; ++r) {
+        acc[r]  = _mm512_setzero_ps();
+        prev[r] = _mm512_setzero_si512();
+    }
+    for (int64_t z = 0, zp = 0; z < n_xs; ++z, zp = zp + 1 == tab.PERIOD ? 0 : zp + 1) {
+        const sparse_dot_x * x   = xs + z*NX;
+        const __m512i        lo  = x[0];
+        const __m512i        hi  = x[W::nibbles];
+        const __m512i        off = x[1 + W::nibbles];
+        const __m512         d   = _mm512_castsi512_ps(x[2 + W::nibbles]);
+        const __m512i        idx = tab.idx[zp];
+        for (int r = 0; r < R; ++r) {
+            const char *  p = rows[r] + 64*z;
+            const __m512i w = z + 1 < n_xs ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(tail, p);
+            __m512i sum;
+            if constexpr (W::nibbles) {
+                sum = _mm512_dpbusd_epi32(off, _mm512_and_si512(w, m4), lo);
+                sum = _mm512_dpbusd_epi32(sum, _mm512_and_si512(_mm512_srli_epi16(w, 4), m4), hi);
+            } else {
+                sum = _mm512_dpbusd_epi32(off, _mm512_xor_si512(w, _mm512_set1_epi8((char) 0x80)), lo);
+            }
+            const __m512i hd = _mm512_permutex2var_epi16(prev[r], idx, w);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(hd)), _mm512_mul_ps(_mm512_cvtepi32_ps(sum), d), acc[r]);
+            if constexpr (W::has_min) {
+                const __m512i hm = _mm512_permutex2var_epi16(prev[r], _mm512_add_epi16(idx, _mm512_set1_epi16(1)), w);
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(hm)), _mm512_castsi512_ps(x[3 + W::nibbles]), acc[r]);
+            }
+            prev[r] = w;
+        }
+    }
+    for (int r = 0; r < R; ++r) {
+        out[r] = _mm512_reduce_add_ps(acc[r]);
+    }
+}
+
+// Q4_K: a super-block of 256 values is 144 bytes, its 128 bytes of quants in 4 runs of 32, run j
+// holding sub-block 2j in its low nibbles and 2j + 1 in its high ones. Under each 64 bytes of
+// quants x holds the values of the low and of the high nibbles; maddubs sums pairs of products
+// in 16 bits (at most 2*15*127), dpwssd times the sub-block's 6-bit scale into 32. x per
+// super-block: those 4 vectors, then d_y*(sum of y) per sub-block in lanes 0..7 and d_y in 8.
+static constexpr int SPARSE_DOT_Q4_K_X = 5;
+
+static void sparse_dot_prepare_q4_K(const void * vy, int64_t n, sparse_dot_x * xs) {
+    const block_q8_K * y = (const block_q8_K *) vy;
+    for (int64_t ib = 0; ib < n/QK_K; ++ib) {
+        sparse_dot_x * x = xs + ib*SPARSE_DOT_Q4_K_X;
+        const int8_t * q = y[ib].qs;
+        for (int h = 0; h < 2; ++h) { // quant bytes 64h..64h + 63: runs 2h and 2h + 1
+            const int8_t * r = q + 128*h;
+            x[2*h]     = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *) r)),
+                                            _mm256_loadu_si256((const __m256i *) (r + 64)), 1);
+            x[2*h + 1] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *) (r + 32))),
+                                            _mm256_loadu_si256((const __m256i *) (r + 96)), 1);
+        }
+        alignas(64) float f[16] = {};
+        for (int j = 0; j < 8; ++j) {
+            f[j] = y[ib].d * (y[ib].bsums[2*j] + y[ib].bsums[2*j + 1]);
+        }
+        f[8] = y[ib].d;
+        x[4] = _mm512_castps_si512(_mm512_load_ps(f));
+    }
+}
+
+template <int R>
+static void sparse_dot_rows_q4_K(int64_t n, const char * const * rows, const void * vx, float * out) {
+    const sparse_dot_x * xs = (const sparse_dot_x *) vx;
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    // the scale of each lane's sub-block, from the 8 scales in lanes 0..7: the low nibbles of
+    // bytes 64h..64h + 63 are sub-blocks 4h (lanes 0..7) and 4h + 2 (8..15), the high ones 4h + 1, 4h + 3
+    const __m512i sel[4] = {
+        _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2),
+        _mm512_setr_epi32(1, 1, 1, 1, 1, 1, 1, 1, 3, 3, 3, 3, 3, 3, 3, 3),
+        _mm512_setr_epi32(4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6),
+        _mm512_setr_epi32(5, 5, 5, 5, 5, 5, 5, 5, 7, 7, 7, 7, 7, 7, 7, 7),
+    };
+    __m512 acc[R];
+    __m256 accm[R];
+    for (int r = 0; r < R; ++r) {
+        acc[r]  = _mm512_setzero_ps();
+        accm[r] = _mm256_setzero_ps();
+    }
+    for (int64_t ib = 0; ib < n/QK_K; ++ib) {
+        const sparse_dot_x * x  = xs + ib*SPARSE_DOT_Q4_K_X;
+        const __m512         fy = _mm512_castsi512_ps(x[4]);
+        const float          dy = _mm512_cvtss_f32(_mm512_permutexvar_ps(_mm512_set1_epi32(8), fy));
+        for (int r = 0; r < R; ++r) {
+            const block_q4_K * b  = (const block_q4_K *) rows[r] + ib;
+            const ggml_half  * dd = (const ggml_half *) b; // d, then dmin
+            const __m512i sm = _mm512_cvtepu8_epi32(sparse_scales_mins_k4(b->scales)); // lanes 0..7 scales, 8..15 mins
+            const __m512i s2 = _mm512_or_si512(sm, _mm512_slli_epi32(sm, 16));         // each scale in both halves
+            __m512i sum = _mm512_setzero_si512();
+            for (int h = 0; h < 2; ++h) {
+                const __m512i q  = _mm512_loadu_si512(b->qs + 64*h);
+                const __m512i lo = _mm512_maddubs_epi16(_mm512_and_si512(q, m4), x[2*h]);
+                const __m512i hi = _mm512_maddubs_epi16(_mm512_and_si512(_mm512_srli_epi16(q, 4), m4), x[2*h + 1]);
+                sum = _mm512_dpwssd_epi32(sum, lo, _mm512_permutexvar_epi32(sel[2*h],     s2));
+                sum = _mm512_dpwssd_epi32(sum, hi, _mm512_permutexvar_epi32(sel[2*h + 1], s2));
+            }
+            acc[r]  = _mm512_fmadd_ps(_mm512_set1_ps(GGML_CPU_FP16_TO_FP32(dd[0])*dy), _mm512_cvtepi32_ps(sum), acc[r]);
+            const __m256 mins = _mm256_cvtepi32_ps(_mm512_extracti64x4_epi64(sm, 1));
+            accm[r] = _mm256_fmadd_ps(_mm256_set1_ps(GGML_CPU_FP16_TO_FP32(dd[1])), _mm256_mul_ps(mins, _mm512_castps512_ps256(fy)), accm[r]);
+        }
+    }
+    for (int r = 0; r < R; ++r) {
+        __m128 m = _mm_add_ps(_mm256_castps256_ps128(accm[r]), _mm256_extractf128_ps(accm[r], 1));
+        m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+        m = _mm_add_ss(m, _mm_movehdup_ps(m));
+        out[r] = _mm512_reduce_add_ps(acc[r]) - _mm_cvtss_f32(m);
+    }
+}
+#else
+struct sparse_dot_x {};
+#endif
+
+// the kernels of a weight type: x laid out once per token (nullptr: x as converted to the
+// type's vec_dot type), four rows sharing each load of x and one row (nullptr: none, vec_dot)
+struct sparse_dot_kernels {
+    void (*prepare)(const void * y, int64_t n, sparse_dot_x * xs);
+    sparse_dot4_t four;
+    sparse_dot4_t one;
+};
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+template <typename W>
+static sparse_dot_kernels sparse_dot_kernels_of() {
+    return { sparse_dot_prepare<W>, sparse_dot_rows<W, 4>, sparse_dot_rows<W, 1> };
+}
+#endif
+
+static sparse_dot_kernels sparse_dot_kernels_for(ggml_type type) {
+    switch (type) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+        case GGML_TYPE_Q4_0: return sparse_dot_kernels_of<sparse_dot_q4_0>();
+        case GGML_TYPE_Q4_1: return sparse_dot_kernels_of<sparse_dot_q4_1>();
+        case GGML_TYPE_Q8_0: return sparse_dot_kernels_of<sparse_dot_q8_0>();
+        case GGML_TYPE_Q4_K: return { sparse_dot_prepare_q4_K, sparse_dot_rows_q4_K<4>, sparse_dot_rows_q4_K<1> };
+#endif
+        default:             return { nullptr, sparse_dot4(type), nullptr };
+    }
+}
+
+// sparse_dot_x one token needs for rows of w: up to 5 per 64 bytes
+static int64_t sparse_dot_n_vec(const ggml_tensor * w) {
+    return (int64_t) (w->nb[1] + 63) / 64 * 5;
+}
+
+// where in wdata the row kernels' x goes: after x in the weight's vec_dot type, aligned
+static size_t sparse_dot_x_offset(const ggml_tensor * w, int64_t n_tok) {
+    return sparse_pad(ggml_row_size(ggml_get_type_traits_cpu(w->type)->vec_dot_type, w->ne[0])*n_tok);
+}
+
+static sparse_dot_x * sparse_dot_x_at(void * wdata, const ggml_tensor * w, int64_t n_tok) {
+    const uintptr_t p = (uintptr_t) wdata + sparse_dot_x_offset(w, n_tok);
+    return (sparse_dot_x *) ((p + SPARSE_ALIGN - 1) / SPARSE_ALIGN * SPARSE_ALIGN);
+}
+
 static void sparse_mul_mat(const ggml_compute_params * params, ggml_tensor * dst) {
     if (params->use_ref) {
         sparse_mul_mat_ref(params, dst);
@@ -394,14 +680,24 @@ static void sparse_mul_mat(const ggml_compute_params * params, ggml_tensor * dst
     const ggml_type_traits_cpu * traits = ggml_get_type_traits_cpu(w->type);
     const ggml_type vec_dot_type = traits->vec_dot_type;
 
-    // x in the type the weight's dot product takes
+    // x in the type the weight's dot product takes, and laid out for the row kernel if it has one
     const char * xq    = (const char *) x->data;
     size_t       xq_nb = x->nb[1];
+    sparse_dot_kernels rk = sparse_dot_kernels_for(w->type);
+    if (x->type != GGML_TYPE_F32 && rk.prepare) {
+        rk = { nullptr, sparse_dot4(w->type), nullptr };
+    }
+    const int64_t  n_xs = sparse_dot_n_vec(w);
+    sparse_dot_x * xs   = sparse_dot_x_at(params->wdata, w, n_tok);
     if (x->type != vec_dot_type) {
         const ggml_from_float_t from_float = ggml_get_type_traits_cpu(vec_dot_type)->from_float;
         xq_nb = ggml_row_size(vec_dot_type, n_embd);
         for (int64_t t = params->ith; t < n_tok; t += params->nth) {
-            from_float((const float *) ((const char *) x->data + t*x->nb[1]), (char *) params->wdata + t*xq_nb, n_embd);
+            char * xt = (char *) params->wdata + t*xq_nb;
+            from_float((const float *) ((const char *) x->data + t*x->nb[1]), xt, n_embd);
+            if (rk.prepare) {
+                rk.prepare(xt, n_embd, xs + t*n_xs);
+            }
         }
         ggml_barrier(params->threadpool);
         xq = (const char *) params->wdata;
@@ -429,21 +725,27 @@ static void sparse_mul_mat(const ggml_compute_params * params, ggml_tensor * dst
         }
     }
 
-    // A dense run (nearly every row read, rows spanning pages) goes row by row through vec_dot
-    // without software prefetch: the hardware prefetcher follows the one long stream, which four
-    // interleaved rows and prefetches only disturb. Otherwise rows ahead go into L2 (16 whole
-    // rows into L1 evicted the rows in use), SPARSE_PREFETCH_BYTES ahead. Measured, 70B shapes,
-    // 1 thread, all / half of the rows: Q4_K (vec_dot) 1.5x slower / 1.2x faster with the
-    // prefetch; Q4_0 and Q8_0 four rows at a time 1.2-1.5x slower / 1.1-1.3x faster than vec_dot;
-    // SmolLM2 (360-byte rows) at level 0.1, most rows read: 1.4x faster with the prefetch.
+    // A long dense run (nearly every row read, rows spanning pages) goes row by row through
+    // vec_dot without software prefetch: the hardware prefetcher follows the one long stream,
+    // which interleaved rows and prefetches only disturb. Otherwise rows ahead go into L2 (16
+    // whole rows into L1 evicted the rows in use), SPARSE_PREFETCH_BYTES ahead, and four rows at
+    // a time where all four are read, except with the row kernels on a dense run. Measured, 1
+    // thread, all / half of the rows of a 70B gate: Q4_K through vec_dot 1.5x slower / 1.2x faster
+    // with the prefetch; four rows at a time (AVX2 Q4_0, Q8_0) 1.2-1.5x slower / 1.1-1.3x faster
+    // than vec_dot; the row kernels on all rows 1.8x (Q8_0) and 1.5x (Q4_K) slower than vec_dot.
+    // SmolLM2 (360-byte rows) at level 0.1, most rows read: 1.4x faster with the prefetch. Mode
+    // off, synthetic 7B Q4_0 (2304-byte rows), llama-bench tg64 at 2 threads: 25 t/s one row at a
+    // time with the prefetch, 20 without, 22 four rows at a time.
     const size_t        row_size  = w->nb[1];
     const int64_t       n_mine    = (n_chunk - params->ith + params->nth - 1)/params->nth*SPARSE_ROW_CHUNK;
-    const bool          dense_run = row_size >= SPARSE_PREFETCH_LONG_ROW && (int64_t) rows.size() >= SPARSE_PREFETCH_DENSE*n_mine;
-    const sparse_dot4_t dot4      = dense_run ? nullptr : sparse_dot4(w->type);
+    const bool          dense     = (int64_t) rows.size() >= SPARSE_PREFETCH_DENSE*n_mine;
+    const bool          long_run  = dense && row_size >= SPARSE_PREFETCH_LONG_ROW;
+    const sparse_dot4_t four      = long_run || (dense && rk.prepare) ? nullptr : rk.four;
+    const sparse_dot4_t one       = long_run ? nullptr : rk.one;
     const size_t        ahead     = std::clamp<size_t>(SPARSE_PREFETCH_BYTES/row_size, 2, 32);
     for (size_t k = 0; k < rows.size(); ) {
-        const size_t nr = dot4 && k + 4 <= rows.size() ? 4 : 1;
-        for (size_t r = k + ahead; r < k + ahead + nr && !dense_run && r < rows.size(); ++r) {
+        const size_t nr = four && k + 4 <= rows.size() ? 4 : 1;
+        for (size_t r = k + ahead; r < k + ahead + nr && !long_run && r < rows.size(); ++r) {
             sparse_prefetch_l2((const char *) w->data + rows[r]*row_size, row_size);
         }
         const char * row[4];
@@ -452,13 +754,14 @@ static void sparse_mul_mat(const ggml_compute_params * params, ggml_tensor * dst
         }
         for (int64_t t = 0; t < n_tok; ++t) {
             const char * xt = xq + t*xq_nb;
+            const void * xk = rk.prepare ? (const void *) (xs + t*n_xs) : xt;
             bool all = nr == 4;
             for (size_t r = 0; r < nr && all; ++r) {
                 all = sparse_active(mask, rows[k + r], t);
             }
             if (all) {
                 float o[4];
-                dot4(n_embd, row, xt, o);
+                four(n_embd, row, xk, o);
                 for (int r = 0; r < 4; ++r) {
                     out[t*n_ff + rows[k + r]] = o[r];
                 }
@@ -466,7 +769,12 @@ static void sparse_mul_mat(const ggml_compute_params * params, ggml_tensor * dst
             }
             for (size_t r = 0; r < nr; ++r) {
                 const int64_t i = rows[k + r];
-                if (sparse_active(mask, i, t)) {
+                if (!sparse_active(mask, i, t)) {
+                    continue;
+                }
+                if (one) {
+                    one(n_embd, row + r, xk, out + t*n_ff + i);
+                } else {
                     traits->vec_dot((int) n_embd, out + t*n_ff + i, 0, row[r], 0, xt, 0, 1);
                 }
             }
@@ -820,9 +1128,9 @@ static void sparse_down_rows(const char * data, size_t nb1, const std::vector<st
 //
 // Q describes a type: blk (its float path), coef (the coefficients h*d of 16 blocks from c, 0
 // past n, and mins += h*m for a type whose weight is d*q + m), q_off (subtracted from the
-// quants) and madd (add two rows' quants of the `step` blocks from c times their coefficient
-// pairs k[u], the low 16 bits for r0 and the high for r1, to the 32-bit sums a[2u] of columns
-// 0..15 and a[2u + 1] of 16..31).
+// quants) and quants (two rows' quants of the `step` blocks from c as 16-bit pairs, r0's low
+// and r1's high: q[2u] columns 0..15 of block c + u, q[2u + 1] 16..31; dpwssd multiplies them
+// by the rows' coefficient pair of block c + u and adds them to 32-bit sums).
 static constexpr int SPARSE_DOWN_GROUP = 8;
 
 // permutex2var indices: bytes 2i and 2i + 1 of the result are byte i of a and of b (columns 0..15),
@@ -839,14 +1147,13 @@ static __m256i sparse_pair_hi() {
 template <typename block>
 struct sparse_i16_nibbles {
     static constexpr int step = 1;
-    static void madd(const char * r0, const char * r1, int64_t c, const int32_t * k, __m512i * a) {
-        const __m256i q  = _mm256_permutex2var_epi8(
+    static void quants(const char * r0, const char * r1, int64_t c, __m512i * q) {
+        const __m256i p  = _mm256_permutex2var_epi8(
             _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *) ((const block *) r0)[c].qs)), sparse_pair_lo(),
             _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *) ((const block *) r1)[c].qs)));
         const __m256i m4 = _mm256_set1_epi8(0x0F);
-        const __m512i kk = _mm512_set1_epi32(k[0]);
-        a[0] = _mm512_dpwssd_epi32(a[0], _mm512_cvtepu8_epi16(_mm256_and_si256(q, m4)), kk);
-        a[1] = _mm512_dpwssd_epi32(a[1], _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4)), kk);
+        q[0] = _mm512_cvtepu8_epi16(_mm256_and_si256(p, m4));
+        q[1] = _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(p, 4), m4));
     }
 };
 
@@ -860,7 +1167,6 @@ static __m512i sparse_block_heads(const char * p, size_t size, int n) {
 // 16 halves (the low or high 16 bits of each 32-bit lane) as floats
 static __m512 sparse_halves_lo(__m512i v) { return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v)); }
 static __m512 sparse_halves_hi(__m512i v) { return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(v, 16))); }
-
 // h*d of 16 blocks of type B from block c of a row, d a block's first half (Q4_0, Q8_0)
 template <typename B>
 static __m512 sparse_coef_d(const char * row, int64_t c, int n, float h) {
@@ -892,12 +1198,11 @@ struct sparse_i16_q8_0 {
     static void coef(const char * row, int64_t c, int n, float h, __m512 & cf, __m512 &) {
         cf = sparse_coef_d<blk>(row, c, n, h);
     }
-    static void madd(const char * r0, const char * r1, int64_t c, const int32_t * k, __m512i * a) {
+    static void quants(const char * r0, const char * r1, int64_t c, __m512i * q) {
         const __m256i q0 = _mm256_loadu_si256((const __m256i *) ((const block_q8_0 *) r0)[c].qs);
         const __m256i q1 = _mm256_loadu_si256((const __m256i *) ((const block_q8_0 *) r1)[c].qs);
-        const __m512i kk = _mm512_set1_epi32(k[0]);
-        a[0] = _mm512_dpwssd_epi32(a[0], _mm512_cvtepi8_epi16(_mm256_permutex2var_epi8(q0, sparse_pair_lo(), q1)), kk);
-        a[1] = _mm512_dpwssd_epi32(a[1], _mm512_cvtepi8_epi16(_mm256_permutex2var_epi8(q0, sparse_pair_hi(), q1)), kk);
+        q[0] = _mm512_cvtepi8_epi16(_mm256_permutex2var_epi8(q0, sparse_pair_lo(), q1));
+        q[1] = _mm512_cvtepi8_epi16(_mm256_permutex2var_epi8(q0, sparse_pair_hi(), q1));
     }
 };
 
@@ -908,60 +1213,62 @@ struct sparse_i16_q4_K {
     static constexpr int q_off = 0;
     static constexpr int step  = 2;
     static void coef(const char * row, int64_t c, int n, float h, __m512 & cf, __m512 & mins) {
-        alignas(16) uint32_t sc[4] = {}; // bytes: the 6-bit scales of 2 super-blocks
-        alignas(16) uint32_t m[4]  = {}; // and their mins
-        float d[2]  = { 0.0f, 0.0f };
-        float dm[2] = { 0.0f, 0.0f };
-        for (int s = 0; s < n/8; ++s) { // n: whole super-blocks (columns split in 256s)
+        // per super-block (n: whole ones, columns split in 256s) its 8 scales and 8 mins, in
+        // registers: through memory, the loads after the stores stalled (perf: 10 % of the axpy)
+        __m128i v[2] = { _mm_setzero_si128(), _mm_setzero_si128() };
+        float   d[2]  = { 0.0f, 0.0f };
+        float   dm[2] = { 0.0f, 0.0f };
+        for (int s = 0; s < n/8; ++s) {
             const block_q4_K * b  = (const block_q4_K *) row + c/8 + s;
             const ggml_half  * dd = (const ggml_half *) b; // d, then dmin
-            uint32_t u[3];
-            memcpy(u, b->scales, sizeof(u));
-            // sparse_scale_min_k4 for all 8 sub-blocks, 4 bytes at a time
-            sc[2*s]     = u[0] & 0x3F3F3F3F;
-            m[2*s]      = u[1] & 0x3F3F3F3F;
-            sc[2*s + 1] = (u[2] & 0x0F0F0F0F)        | (((u[0] >> 6) & 0x03030303) << 4);
-            m[2*s + 1]  = ((u[2] >> 4) & 0x0F0F0F0F) | (((u[1] >> 6) & 0x03030303) << 4);
+            v[s]  = sparse_scales_mins_k4(b->scales);
             d[s]  = h*GGML_CPU_FP16_TO_FP32(dd[0]);
             dm[s] = -h*GGML_CPU_FP16_TO_FP32(dd[1]);
         }
         const __m512 vd  = _mm512_insertf32x8(_mm512_set1_ps(d[0]),  _mm256_set1_ps(d[1]),  1);
         const __m512 vdm = _mm512_insertf32x8(_mm512_set1_ps(dm[0]), _mm256_set1_ps(dm[1]), 1);
-        cf   = _mm512_mul_ps(vd, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *) sc))));
-        mins = _mm512_fmadd_ps(vdm, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *) m))), mins);
+        cf   = _mm512_mul_ps(vd, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi64(v[0], v[1]))));
+        mins = _mm512_fmadd_ps(vdm, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi64(v[0], v[1]))), mins);
     }
     // sub-blocks c and c + 1 (c even): the low and the high nibbles of the 32 bytes at qs + 16*(c%8)
-    static void madd(const char * r0, const char * r1, int64_t c, const int32_t * k, __m512i * a) {
+    static void quants(const char * r0, const char * r1, int64_t c, __m512i * q) {
         const size_t  off = c/8*sizeof(block_q4_K) + offsetof(block_q4_K, qs) + 16*(c % 8);
         const __m256i q0  = _mm256_loadu_si256((const __m256i *) (r0 + off));
         const __m256i q1  = _mm256_loadu_si256((const __m256i *) (r1 + off));
         const __m256i lo  = _mm256_permutex2var_epi8(q0, sparse_pair_lo(), q1); // columns 0..15 of both
         const __m256i hi  = _mm256_permutex2var_epi8(q0, sparse_pair_hi(), q1); // 16..31
         const __m256i m4  = _mm256_set1_epi8(0x0F);
-        const __m512i k0  = _mm512_set1_epi32(k[0]);
-        const __m512i k1  = _mm512_set1_epi32(k[1]);
-        a[0] = _mm512_dpwssd_epi32(a[0], _mm512_cvtepu8_epi16(_mm256_and_si256(lo, m4)), k0);
-        a[1] = _mm512_dpwssd_epi32(a[1], _mm512_cvtepu8_epi16(_mm256_and_si256(hi, m4)), k0);
-        a[2] = _mm512_dpwssd_epi32(a[2], _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(lo, 4), m4)), k1);
-        a[3] = _mm512_dpwssd_epi32(a[3], _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(hi, 4), m4)), k1);
+        q[0] = _mm512_cvtepu8_epi16(_mm256_and_si256(lo, m4));
+        q[1] = _mm512_cvtepu8_epi16(_mm256_and_si256(hi, m4));
+        q[2] = _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(lo, 4), m4));
+        q[3] = _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(hi, 4), m4));
     }
 };
 
-// the n active rows act[0, n) (in row order) of one token into out[j0, j1)
-template <typename Q>
-static void sparse_down_rows_i16(const char * data, size_t nb1, const std::pair<int32_t, float> * act, size_t n,
-        int64_t j0, int64_t j1, float * out) {
+// tokens at most that share a group's quants (sparse_down_rows_i16)
+static constexpr int SPARSE_DOWN_SHARE = 4;
+
+// the n active rows (in row order) of nt <= SPARSE_DOWN_SHARE tokens that have the same ones,
+// acts[t] token t's (row, h), into outs[t][j0, j1): each token summed exactly as alone, each
+// row pair's quants unpacked once for all of them
+template <typename Q, int NT>
+static void sparse_down_rows_i16(const char * data, size_t nb1, const std::pair<int32_t, float> * const * acts,
+        size_t n, int64_t j0, int64_t j1, float * const * outs) {
     using B = typename Q::blk;
-    constexpr int G = SPARSE_DOWN_GROUP;
+    constexpr int G  = SPARSE_DOWN_GROUP;
+    constexpr int NQ = 2*Q::step;
+    const std::pair<int32_t, float> * act = acts[0];
     const int64_t c0 = j0/32;
     const int64_t c1 = j1/32;
     for (size_t g = 0; g < n; g += G) {
         const int nr = (int) std::min<size_t>(G, n - g);
         const char * rows[G];
-        float        h[G];
+        float        h[NT][G];
         for (int k = 0; k < G; ++k) {
             rows[k] = data + act[g + (k < nr ? k : 0)].first*nb1;
-            h[k]    = k < nr ? act[g + k].second : 0.0f; // a padding row adds 0
+            for (int t = 0; t < NT; ++t) {
+                h[t][k] = k < nr ? acts[t][g + k].second : 0.0f; // a padding row adds 0
+            }
         }
         for (int64_t cb = c0; cb < c1; cb += 16) {
             const int nb = (int) std::min<int64_t>(16, c1 - cb);
@@ -969,61 +1276,89 @@ static void sparse_down_rows_i16(const char * data, size_t nb1, const std::pair<
             for (size_t r = g + G; r < std::min(n, g + 2*G); ++r) {
                 sparse_prefetch_l2(data + act[r].first*nb1 + cb/B::nsub*B::size, (nb + B::nsub - 1)/B::nsub*B::size);
             }
-            // the 16 blocks' coefficients row by row, their largest magnitude and the min terms
-            __m512 cf[G];
-            __m512 amax = _mm512_setzero_ps();
-            __m512 mins = _mm512_setzero_ps();
-            for (int k = 0; k < G; ++k) {
-                Q::coef(rows[k], cb, nb, h[k], cf[k], mins);
-                amax = _mm512_max_ps(amax, _mm512_abs_ps(cf[k]));
+            // per token, the 16 blocks' coefficients row by row, their largest magnitude and the min terms
+            alignas(64) int32_t pair[NT][G/2][16];
+            alignas(64) int32_t init[NT][16];
+            alignas(64) float   scale[NT][16];
+            alignas(64) float   add[NT][16];
+            __mmask16           fin[NT];
+            for (int t = 0; t < NT; ++t) {
+                __m512 cf[G];
+                __m512 amax = _mm512_setzero_ps();
+                __m512 mins = _mm512_setzero_ps();
+                for (int k = 0; k < G; ++k) {
+                    Q::coef(rows[k], cb, nb, h[t][k], cf[k], mins);
+                    amax = _mm512_max_ps(amax, _mm512_abs_ps(cf[k]));
+                }
+                fin[t] = _mm512_cmp_ps_mask(amax, _mm512_set1_ps(INFINITY), _CMP_LT_OQ);
+                const __mmask16 pos = _mm512_cmp_ps_mask(amax, _mm512_setzero_ps(), _CMP_GT_OQ) & fin[t];
+                const __m512    inv = _mm512_maskz_div_ps(pos, _mm512_set1_ps(32767.0f), amax);
+                __m512i sum = _mm512_setzero_si512();
+                for (int k = 0; k < G; k += 2) {
+                    const __m512i e = _mm512_cvtps_epi32(_mm512_mul_ps(cf[k],     inv));
+                    const __m512i o = _mm512_cvtps_epi32(_mm512_mul_ps(cf[k + 1], inv));
+                    sum = _mm512_add_epi32(sum, _mm512_add_epi32(e, o));
+                    _mm512_store_si512(pair[t][k/2], _mm512_or_si512(_mm512_and_si512(e, _mm512_set1_epi32(0xFFFF)), _mm512_slli_epi32(o, 16)));
+                }
+                _mm512_store_si512(init[t], _mm512_mullo_epi32(sum, _mm512_set1_epi32(-Q::q_off)));
+                _mm512_store_ps(scale[t], _mm512_mul_ps(amax, _mm512_set1_ps(1.0f/32767.0f)));
+                _mm512_store_ps(add[t], mins);
             }
-            const __mmask16 fin = _mm512_cmp_ps_mask(amax, _mm512_set1_ps(INFINITY), _CMP_LT_OQ);
-            const __mmask16 pos = _mm512_cmp_ps_mask(amax, _mm512_setzero_ps(), _CMP_GT_OQ) & fin;
-            const __m512    inv = _mm512_maskz_div_ps(pos, _mm512_set1_ps(32767.0f), amax);
-            alignas(64) int32_t pair[G/2][16];
-            alignas(64) int32_t init[16];
-            alignas(64) float   scale[16];
-            alignas(64) float   add[16];
-            __m512i sum = _mm512_setzero_si512();
-            for (int k = 0; k < G; k += 2) {
-                const __m512i e = _mm512_cvtps_epi32(_mm512_mul_ps(cf[k],     inv));
-                const __m512i o = _mm512_cvtps_epi32(_mm512_mul_ps(cf[k + 1], inv));
-                sum = _mm512_add_epi32(sum, _mm512_add_epi32(e, o));
-                _mm512_store_si512(pair[k/2], _mm512_or_si512(_mm512_and_si512(e, _mm512_set1_epi32(0xFFFF)), _mm512_slli_epi32(o, 16)));
-            }
-            _mm512_store_si512(init, _mm512_mullo_epi32(sum, _mm512_set1_epi32(-Q::q_off)));
-            _mm512_store_ps(scale, _mm512_mul_ps(amax, _mm512_set1_ps(1.0f/32767.0f)));
-            _mm512_store_ps(add, mins);
             constexpr unsigned all = (1u << Q::step) - 1;
             for (int j = 0; j < nb; j += Q::step) {
                 const int64_t c = cb + j;
-                float * o = out + c*32;
-                if (((fin >> j) & all) != all) {
-                    for (int u = 0; u < Q::step; ++u) {
-                        for (int k = 0; k < nr; ++k) {
-                            sparse_blk_val v;
-                            sparse_blk_decode<B>(rows[k], c + u, v);
-                            sparse_blk_axpy_out<B>(v, h[k], o + 32*u);
-                        }
+                bool    ok[NT];
+                __m512i a[NT][NQ];
+                for (int t = 0; t < NT; ++t) {
+                    ok[t] = ((fin[t] >> j) & all) == all;
+                    for (int i = 0; i < NQ; ++i) {
+                        a[t][i] = _mm512_set1_epi32(init[t][j + i/2]);
                     }
-                    continue;
-                }
-                __m512i a[2*Q::step];
-                for (int u = 0; u < Q::step; ++u) {
-                    a[2*u] = a[2*u + 1] = _mm512_set1_epi32(init[j + u]);
                 }
                 for (int k = 0; k < nr; k += 2) {
-                    Q::madd(rows[k], rows[k + 1], c, &pair[k/2][j], a);
+                    __m512i q[NQ];
+                    Q::quants(rows[k], rows[k + 1], c, q);
+                    for (int t = 0; t < NT; ++t) {
+                        for (int i = 0; i < NQ; ++i) {
+                            a[t][i] = _mm512_dpwssd_epi32(a[t][i], q[i], _mm512_set1_epi32(pair[t][k/2][j + i/2]));
+                        }
+                    }
                 }
-                for (int u = 0; u < Q::step; ++u) {
-                    const __m512 s = _mm512_set1_ps(scale[j + u]);
-                    const __m512 m = _mm512_set1_ps(add[j + u]);
-                    float * ou = o + 32*u;
-                    _mm512_storeu_ps(ou,      _mm512_add_ps(_mm512_fmadd_ps(s, _mm512_cvtepi32_ps(a[2*u]),     _mm512_loadu_ps(ou)),      m));
-                    _mm512_storeu_ps(ou + 16, _mm512_add_ps(_mm512_fmadd_ps(s, _mm512_cvtepi32_ps(a[2*u + 1]), _mm512_loadu_ps(ou + 16)), m));
+                for (int t = 0; t < NT; ++t) {
+                    float * o = outs[t] + c*32;
+                    if (!ok[t]) {
+                        for (int u = 0; u < Q::step; ++u) {
+                            for (int k = 0; k < nr; ++k) {
+                                sparse_blk_val v;
+                                sparse_blk_decode<B>(rows[k], c + u, v);
+                                sparse_blk_axpy_out<B>(v, h[t][k], o + 32*u);
+                            }
+                        }
+                        continue;
+                    }
+                    for (int u = 0; u < Q::step; ++u) {
+                        const __m512 sc = _mm512_set1_ps(scale[t][j + u]);
+                        const __m512 m  = _mm512_set1_ps(add[t][j + u]);
+                        float * ou = o + 32*u;
+                        _mm512_storeu_ps(ou,      _mm512_add_ps(_mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(a[t][2*u]),     _mm512_loadu_ps(ou)),      m));
+                        _mm512_storeu_ps(ou + 16, _mm512_add_ps(_mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(a[t][2*u + 1]), _mm512_loadu_ps(ou + 16)), m));
+                    }
                 }
             }
         }
+    }
+}
+
+// sparse_down_rows_i16 for nt tokens
+template <typename Q>
+static void sparse_down_rows_i16(const char * data, size_t nb1, const std::pair<int32_t, float> * const * acts, int nt,
+        size_t n, int64_t j0, int64_t j1, float * const * outs) {
+    static_assert(SPARSE_DOWN_SHARE == 4, "one instance per token count");
+    switch (nt) {
+        case 1:  sparse_down_rows_i16<Q, 1>(data, nb1, acts, n, j0, j1, outs); break;
+        case 2:  sparse_down_rows_i16<Q, 2>(data, nb1, acts, n, j0, j1, outs); break;
+        case 3:  sparse_down_rows_i16<Q, 3>(data, nb1, acts, n, j0, j1, outs); break;
+        default: sparse_down_rows_i16<Q, 4>(data, nb1, acts, n, j0, j1, outs); break;
     }
 }
 
@@ -1044,24 +1379,43 @@ static void sparse_down_i16(const char * data, size_t nb1, const ggml_tensor * h
             while (b < act.size() && act[b].first < end) {
                 ++b;
             }
-            sparse_down_rows_i16<Q>(data, nb1, act.data() + a, b - a, j0, j1, out);
+            const std::pair<int32_t, float> * acts[1] = { act.data() + a };
+            float * const                     outs[1] = { out };
+            sparse_down_rows_i16<Q>(data, nb1, acts, 1, b - a, j0, j1, outs);
             a = b;
         }
         return;
     }
-    thread_local std::vector<std::pair<int32_t, float>> slab;
-    const int64_t n_ff = h->ne[0];
+    // each token's active rows of the slab; tokens with the same ones (mode off, dense prompts:
+    // all of them) go up to SPARSE_DOWN_SHARE at a time
+    thread_local std::vector<std::vector<std::pair<int32_t, float>>> slab;
+    const int64_t n_ff  = h->ne[0];
+    const int64_t n_tok = h->ne[1];
+    slab.resize(n_tok);
     for (int64_t i0 = 0; i0 < n_ff; i0 += SPARSE_DOWN_SLAB) {
         const int64_t i1 = std::min(n_ff, i0 + SPARSE_DOWN_SLAB);
-        for (int64_t t = 0; t < h->ne[1]; ++t) {
+        for (int64_t t = 0; t < n_tok; ++t) {
             const float * ht = (const float *) ((const char *) h->data + t*h->nb[1]);
-            slab.clear();
+            slab[t].clear();
             for (int64_t i = i0; i < i1; ++i) {
                 if (ht[i] != 0.0f) {
-                    slab.emplace_back((int32_t) i, ht[i]);
+                    slab[t].emplace_back((int32_t) i, ht[i]);
                 }
             }
-            sparse_down_rows_i16<Q>(data, nb1, slab.data(), slab.size(), j0, j1, out + t*n_embd);
+        }
+        const auto same_rows = [](const std::vector<std::pair<int32_t, float>> & a, const std::vector<std::pair<int32_t, float>> & b) {
+            return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin(), [](const auto & x, const auto & y) { return x.first == y.first; });
+        };
+        for (int64_t t = 0; t < n_tok; ) {
+            const std::pair<int32_t, float> * acts[SPARSE_DOWN_SHARE];
+            float *                           outs[SPARSE_DOWN_SHARE];
+            int nt = 0;
+            for (; nt < SPARSE_DOWN_SHARE && t + nt < n_tok && same_rows(slab[t], slab[t + nt]); ++nt) {
+                acts[nt] = slab[t + nt].data();
+                outs[nt] = out + (t + nt)*n_embd;
+            }
+            sparse_down_rows_i16<Q>(data, nb1, acts, nt, slab[t].size(), j0, j1, outs);
+            t += nt;
         }
     }
 }
@@ -1301,7 +1655,9 @@ size_t ggml_sparse_work_size(const struct ggml_tensor * node, int n_threads) {
             return n_threads*sparse_pad(node->src[0]->ne[0]*node->src[1]->ne[1]*sizeof(uint32_t));
         case GGML_OP_SPARSE_MUL_MAT: {
             const ggml_tensor * w = node->src[0];
-            const size_t fast = ggml_row_size(ggml_get_type_traits_cpu(w->type)->vec_dot_type, w->ne[0])*node->src[1]->ne[1];
+            const int64_t n_tok = node->src[1]->ne[1];
+            const size_t fast = sparse_dot_x_offset(w, n_tok) + SPARSE_ALIGN +
+                                n_tok*sparse_dot_n_vec(w)*sizeof(sparse_dot_x);
             const size_t ref  = n_threads*sparse_pad(w->ne[0]*sizeof(float));
             return std::max(fast, ref);
         }

