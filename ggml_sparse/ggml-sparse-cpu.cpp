@@ -413,20 +413,19 @@ typedef __m512i sparse_dot_x;
 // W: the block, x's block (act: Q8_1 for a type with a min, d q + m), whether each byte holds
 // two quants (low nibble: value k, high: k + 16) or one (k), the header bytes before the quants
 // and OFF (sum (q - OFF) y)
-template <typename B, typename A, ggml_type T, bool NIBBLES, int Q_OFF>
+template <typename B, typename A, bool NIBBLES, int Q_OFF>
 struct sparse_dot_type {
     using blk = B;
     using act = A;
-    static constexpr ggml_type type    = T;
     static constexpr bool      nibbles = NIBBLES;
     static constexpr int       head    = (int) sizeof(B) - (NIBBLES ? QK4_0/2 : QK8_0);
     static constexpr int       OFF     = Q_OFF;
     static constexpr bool      has_min = std::is_same_v<A, block_q8_1>;
 };
 
-using sparse_dot_q4_0 = sparse_dot_type<block_q4_0, block_q8_0, GGML_TYPE_Q4_0, true,  8>;
-using sparse_dot_q4_1 = sparse_dot_type<block_q4_1, block_q8_1, GGML_TYPE_Q4_1, true,  0>;
-using sparse_dot_q8_0 = sparse_dot_type<block_q8_0, block_q8_0, GGML_TYPE_Q8_0, false, 128>; // q ^ 0x80 = q + 128
+using sparse_dot_q4_0 = sparse_dot_type<block_q4_0, block_q8_0, true,  8>;
+using sparse_dot_q4_1 = sparse_dot_type<block_q4_1, block_q8_1, true,  0>;
+using sparse_dot_q8_0 = sparse_dot_type<block_q8_0, block_q8_0, false, 128>; // q ^ 0x80 = q + 128
 
 template <typename W>
 static constexpr int sparse_dot_n_x = 3 + W::nibbles + W::has_min;
@@ -458,7 +457,7 @@ static void sparse_dot_prepare(const void * vy, int64_t n, sparse_dot_x * xs) {
     constexpr int64_t B    = sizeof(typename W::blk);
     const BY *        y    = (const BY *) vy;
     const int64_t     nb   = n / QK8_0;
-    const int64_t     n_xs = (int64_t) (ggml_row_size(W::type, n) + 63) / 64;
+    const int64_t     n_xs = (nb*B + 63) / 64;
     for (int64_t z = 0; z < n_xs; ++z) {
         alignas(64) int8_t  lo[64] = {}, hi[64] = {};
         alignas(64) int32_t off[16];
@@ -500,7 +499,7 @@ static void sparse_dot_rows(int64_t n, const char * const * rows, const void * v
     const sparse_dot_x * xs = (const sparse_dot_x *) vx;
     static const sparse_dot_idx<W> tab;
     constexpr int   NX   = sparse_dot_n_x<W>;
-    const int64_t   size = (int64_t) ggml_row_size(W::type, n);
+    const int64_t   size = n/QK8_0*(int64_t) sizeof(typename W::blk); // all three: 32 values a block
     const int64_t   n_xs = (size + 63) / 64;
     const int64_t   rest = size - 64*(n_xs - 1);
     const __mmask64 tail = rest == 64 ? ~(__mmask64) 0 : ((__mmask64) 1 << rest) - 1;
@@ -683,10 +682,7 @@ static void sparse_mul_mat(const ggml_compute_params * params, ggml_tensor * dst
     // x in the type the weight's dot product takes, and laid out for the row kernel if it has one
     const char * xq    = (const char *) x->data;
     size_t       xq_nb = x->nb[1];
-    sparse_dot_kernels rk = sparse_dot_kernels_for(w->type);
-    if (x->type != GGML_TYPE_F32 && rk.prepare) {
-        rk = { nullptr, sparse_dot4(w->type), nullptr };
-    }
+    const sparse_dot_kernels rk = sparse_dot_kernels_for(w->type); // x is F32 (ggml_sparse_mul_mat)
     const int64_t  n_xs = sparse_dot_n_vec(w);
     sparse_dot_x * xs   = sparse_dot_x_at(params->wdata, w, n_tok);
     if (x->type != vec_dot_type) {
