@@ -27,11 +27,11 @@
 //   mask      elementwise, each token's row split in contiguous ranges
 //   down      the output columns split in block-aligned slices. AVX-512
 //             (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K, F16, BF16, F32). With
-//             VNNI and VBMI (Q4_0, Q4_1, Q8_0, Q4_K) each token sums 8 of its
+//             VNNI and VBMI (Q4_0, Q4_1, Q8_0, Q4_K) each token sums 16 of its
 //             active rows at a time in 32-bit integers, their coefficients h*d
-//             rounded to 16 bits on a scale shared by the 8, in slabs of rows
+//             rounded to bytes on a scale shared by the 16, in slabs of rows
 //             that a batch's tokens take in turn (up to 4 at a time that have
-//             the same active rows, each row pair unpacked once for them). In
+//             the same active rows, each row quad unpacked once for them). In
 //             float, one token streams each active row through 2048 output
 //             columns whose sums stay in L1, the rows a few ahead prefetched
 //             into L2; several tokens keep
@@ -1113,45 +1113,56 @@ static void sparse_down_rows(const char * data, size_t nb1, const std::vector<st
 #if defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
 // Integer sums (Q4_0, Q4_1, Q8_0, Q4_K). Counted from the source, the float path takes about
 // 19 instructions for each 32 weights of a row (decode to floats, then load, multiply-add and
-// store the sums), this one about 6 (Q4_0: 10 for a pair of rows, 8 to flush a group). It
-// takes SPARSE_DOWN_GROUP active rows at a time. Per 32-column block (a K-quant's sub-block),
-// each row's coefficient h*d becomes a 16-bit integer on a scale shared by the
-// group (its largest is 32767); dpwssd sums the quants times those coefficients in 32-bit
-// integers, two rows per instruction; the scaled sum goes into the float sums once per group.
-// Rounding a coefficient moves it by at most 1/65534 of the group's largest, well below the
-// 8-bit rounding ggml's mat-vec applies to its activations. A block whose coefficients are not
-// all finite takes the float path.
+// store the sums), this one about 4 (Q4_0: 11 for a quad of rows, 11 to flush a group of 16,
+// about 12 per row for the coefficients of 16 blocks). It takes SPARSE_DOWN_GROUP active rows at a
+// time. Per 32-column block (a K-quant's sub-block), each row's coefficient h*d becomes a
+// signed byte on a scale shared by the group (its largest is 127); vpdpbusd multiplies the
+// quants of four rows, each 32-bit lane a column's four bytes, by the four coefficients and
+// adds them to 32-bit integers; the scaled sum goes into the float sums once per group.
+// Rounding a coefficient moves it by at most 1/254 of the group's largest: the step ggml's
+// mat-vec applies to its activations, each to 1/254 of its 32-block's largest. A block whose
+// coefficients are not all finite takes the float path.
 //
 // Q describes a type: blk (its float path), coef (the coefficients h*d of 16 blocks from c, 0
 // past n, and mins += h*m for a type whose weight is d*q + m), q_off (subtracted from the
-// quants) and quants (two rows' quants of the `step` blocks from c as 16-bit pairs, r0's low
-// and r1's high: q[2u] columns 0..15 of block c + u, q[2u + 1] 16..31; dpwssd multiplies them
-// by the rows' coefficient pair of block c + u and adds them to 32-bit sums).
-static constexpr int SPARSE_DOWN_GROUP = 8;
+// quants) and quants (four rows' quants of the `step` blocks from c as unsigned bytes, byte
+// 4i + u of a lane of column i from row u: q[2u] columns 0..15 of block c + u, q[2u + 1]
+// 16..31).
+static constexpr int SPARSE_DOWN_GROUP = 16;
 
-// permutex2var indices: bytes 2i and 2i + 1 of the result are byte i of a and of b (columns 0..15),
-// or byte 16 + i (columns 16..31)
-static __m256i sparse_pair_lo() {
-    return _mm256_setr_epi8(0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39, 8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47);
+// vpermb/vpermt2b indices: byte 4i + u of the result is byte BASE + i + u*STRIDE of the
+// source, column i of row u when the rows' bytes are STRIDE apart
+template <int STRIDE, int BASE>
+static __m512i sparse_quad_idx() {
+    static constexpr struct idx_t {
+        alignas(64) uint8_t v[64];
+        constexpr idx_t() : v() { for (int l = 0; l < 64; ++l) { v[l] = (uint8_t) (BASE + l/4 + (l % 4)*STRIDE); } }
+    } idx;
+    return _mm512_load_si512(idx.v);
 }
 
-static __m256i sparse_pair_hi() {
-    return _mm256_setr_epi8(16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63);
-}
-
-// madd of Q4_0 and Q4_1 (block: their block type): the 16 bytes of nibbles, low ones first
+// Q4_0 and Q4_1 (block: their block type): each row's 16 bytes of nibbles, low ones first
 template <typename block>
-struct sparse_i16_nibbles {
-    static constexpr int step = 1;
-    static void quants(const char * r0, const char * r1, int64_t c, __m512i * q) {
-        const __m256i p  = _mm256_permutex2var_epi8(
-            _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *) ((const block *) r0)[c].qs)), sparse_pair_lo(),
-            _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *) ((const block *) r1)[c].qs)));
-        const __m256i m4 = _mm256_set1_epi8(0x0F);
-        q[0] = _mm512_cvtepu8_epi16(_mm256_and_si256(p, m4));
-        q[1] = _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(p, 4), m4));
+struct sparse_int_nibbles {
+    static constexpr int step  = 1;
+    static void quants(const char * const * r, int64_t c, __m512i * q) {
+        const __m512i idx = sparse_quad_idx<16, 0>();
+        __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *) ((const block *) r[0])[c].qs));
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *) ((const block *) r[1])[c].qs), 1);
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *) ((const block *) r[2])[c].qs), 2);
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *) ((const block *) r[3])[c].qs), 3);
+        const __m512i p  = _mm512_permutexvar_epi8(idx, v);
+        const __m512i m4 = _mm512_set1_epi8(0x0F);
+        q[0] = _mm512_and_si512(p, m4);
+        q[1] = _mm512_and_si512(_mm512_srli_epi16(p, 4), m4);
     }
 };
+
+// two rows' 32 bytes from offset off, r0's then r1's
+static __m512i sparse_rows_32(const char * r0, const char * r1, size_t off) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *) (r0 + off))),
+                              _mm256_loadu_si256((const __m256i *) (r1 + off)), 1);
+}
 
 // the 32-bit word at the start of each of 16 blocks of `size` bytes from p (the last n - 16 zero)
 static __m512i sparse_block_heads(const char * p, size_t size, int n) {
@@ -1169,7 +1180,7 @@ static __m512 sparse_coef_d(const char * row, int64_t c, int n, float h) {
     return _mm512_mul_ps(_mm512_set1_ps(h), sparse_halves_lo(sparse_block_heads(row + c*B::size, B::size, n)));
 }
 
-struct sparse_i16_q4_0 : sparse_i16_nibbles<block_q4_0> {
+struct sparse_int_q4_0 : sparse_int_nibbles<block_q4_0> {
     using blk = sparse_blk_q4_0;
     static constexpr int q_off = 8;
     static void coef(const char * row, int64_t c, int n, float h, __m512 & cf, __m512 &) {
@@ -1177,7 +1188,7 @@ struct sparse_i16_q4_0 : sparse_i16_nibbles<block_q4_0> {
     }
 };
 
-struct sparse_i16_q4_1 : sparse_i16_nibbles<block_q4_1> {
+struct sparse_int_q4_1 : sparse_int_nibbles<block_q4_1> {
     using blk = sparse_blk_q4_1;
     static constexpr int q_off = 0;
     static void coef(const char * row, int64_t c, int n, float h, __m512 & cf, __m512 & mins) {
@@ -1187,24 +1198,29 @@ struct sparse_i16_q4_1 : sparse_i16_nibbles<block_q4_1> {
     }
 };
 
-struct sparse_i16_q8_0 {
+struct sparse_int_q8_0 {
     using blk = sparse_blk_q8_0;
-    static constexpr int q_off = 0;
+    static constexpr int q_off = 128;
     static constexpr int step  = 1;
     static void coef(const char * row, int64_t c, int n, float h, __m512 & cf, __m512 &) {
         cf = sparse_coef_d<blk>(row, c, n, h);
     }
-    static void quants(const char * r0, const char * r1, int64_t c, __m512i * q) {
-        const __m256i q0 = _mm256_loadu_si256((const __m256i *) ((const block_q8_0 *) r0)[c].qs);
-        const __m256i q1 = _mm256_loadu_si256((const __m256i *) ((const block_q8_0 *) r1)[c].qs);
-        q[0] = _mm512_cvtepi8_epi16(_mm256_permutex2var_epi8(q0, sparse_pair_lo(), q1));
-        q[1] = _mm512_cvtepi8_epi16(_mm256_permutex2var_epi8(q0, sparse_pair_hi(), q1));
+    // the quants plus 128 (q_off), to be unsigned
+    static void quants(const char * const * r, int64_t c, __m512i * q) {
+        const __m512i lo = sparse_quad_idx<32, 0>();
+        const __m512i hi = sparse_quad_idx<32, 16>();
+        const size_t  off = c*sizeof(block_q8_0) + offsetof(block_q8_0, qs);
+        const __m512i a   = sparse_rows_32(r[0], r[1], off);
+        const __m512i b   = sparse_rows_32(r[2], r[3], off);
+        const __m512i m   = _mm512_set1_epi8((char) 0x80);
+        q[0] = _mm512_xor_si512(_mm512_permutex2var_epi8(a, lo, b), m);
+        q[1] = _mm512_xor_si512(_mm512_permutex2var_epi8(a, hi, b), m);
     }
 };
 
 // Q4_K: a block is a 32-column sub-block (c/8 the super-block, c%8 the sub-block);
 // weight = d*sc*q - dmin*m, the 6-bit sc and m decoded per row
-struct sparse_i16_q4_K {
+struct sparse_int_q4_K {
     using blk = sparse_blk_q4_K;
     static constexpr int q_off = 0;
     static constexpr int step  = 2;
@@ -1227,28 +1243,30 @@ struct sparse_i16_q4_K {
         mins = _mm512_fmadd_ps(vdm, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi64(v[0], v[1]))), mins);
     }
     // sub-blocks c and c + 1 (c even): the low and the high nibbles of the 32 bytes at qs + 16*(c%8)
-    static void quants(const char * r0, const char * r1, int64_t c, __m512i * q) {
+    static void quants(const char * const * r, int64_t c, __m512i * q) {
+        const __m512i lo = sparse_quad_idx<32, 0>();
+        const __m512i hi = sparse_quad_idx<32, 16>();
         const size_t  off = c/8*sizeof(block_q4_K) + offsetof(block_q4_K, qs) + 16*(c % 8);
-        const __m256i q0  = _mm256_loadu_si256((const __m256i *) (r0 + off));
-        const __m256i q1  = _mm256_loadu_si256((const __m256i *) (r1 + off));
-        const __m256i lo  = _mm256_permutex2var_epi8(q0, sparse_pair_lo(), q1); // columns 0..15 of both
-        const __m256i hi  = _mm256_permutex2var_epi8(q0, sparse_pair_hi(), q1); // 16..31
-        const __m256i m4  = _mm256_set1_epi8(0x0F);
-        q[0] = _mm512_cvtepu8_epi16(_mm256_and_si256(lo, m4));
-        q[1] = _mm512_cvtepu8_epi16(_mm256_and_si256(hi, m4));
-        q[2] = _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(lo, 4), m4));
-        q[3] = _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(hi, 4), m4));
+        const __m512i a   = sparse_rows_32(r[0], r[1], off);
+        const __m512i b   = sparse_rows_32(r[2], r[3], off);
+        const __m512i p0  = _mm512_permutex2var_epi8(a, lo, b); // columns 0..15 of the four rows
+        const __m512i p1  = _mm512_permutex2var_epi8(a, hi, b); // 16..31
+        const __m512i m4  = _mm512_set1_epi8(0x0F);
+        q[0] = _mm512_and_si512(p0, m4);
+        q[1] = _mm512_and_si512(p1, m4);
+        q[2] = _mm512_and_si512(_mm512_srli_epi16(p0, 4), m4);
+        q[3] = _mm512_and_si512(_mm512_srli_epi16(p1, 4), m4);
     }
 };
 
-// tokens at most that share a group's quants (sparse_down_rows_i16)
+// tokens at most that share a group's quants (sparse_down_rows_int)
 static constexpr int SPARSE_DOWN_SHARE = 4;
 
-// the n active rows (in row order) of nt <= SPARSE_DOWN_SHARE tokens that have the same ones,
-// acts[t] token t's (row, h), into outs[t][j0, j1): each token summed exactly as alone, each
-// row pair's quants unpacked once for all of them
+// the n active rows (in row order) of nt <= SPARSE_DOWN_SHARE tokens that have the same ones, acts[t]
+// token t's (row, h), into outs[t][j0, j1): each token summed exactly as alone, each row
+// quad's quants unpacked once for all of them
 template <typename Q, int NT>
-static void sparse_down_rows_i16(const char * data, size_t nb1, const std::pair<int32_t, float> * const * acts,
+static void sparse_down_rows_int(const char * data, size_t nb1, const std::pair<int32_t, float> * const * acts,
         size_t n, int64_t j0, int64_t j1, float * const * outs) {
     using B = typename Q::blk;
     constexpr int G  = SPARSE_DOWN_GROUP;
@@ -1272,8 +1290,9 @@ static void sparse_down_rows_i16(const char * data, size_t nb1, const std::pair<
             for (size_t r = g + G; r < std::min(n, g + 2*G); ++r) {
                 sparse_prefetch_l2(data + act[r].first*nb1 + cb/B::nsub*B::size, (nb + B::nsub - 1)/B::nsub*B::size);
             }
-            // per token, the 16 blocks' coefficients row by row, their largest magnitude and the min terms
-            alignas(64) int32_t pair[NT][G/2][16];
+            // per token, the 16 blocks' coefficients row by row as bytes on the group's scale (its
+            // largest 127), the four of a quad of rows in one 32-bit word; the min terms
+            alignas(64) int32_t quad[NT][G/4][16];
             alignas(64) int32_t init[NT][16];
             alignas(64) float   scale[NT][16];
             alignas(64) float   add[NT][16];
@@ -1288,16 +1307,19 @@ static void sparse_down_rows_i16(const char * data, size_t nb1, const std::pair<
                 }
                 fin[t] = _mm512_cmp_ps_mask(amax, _mm512_set1_ps(INFINITY), _CMP_LT_OQ);
                 const __mmask16 pos = _mm512_cmp_ps_mask(amax, _mm512_setzero_ps(), _CMP_GT_OQ) & fin[t];
-                const __m512    inv = _mm512_maskz_div_ps(pos, _mm512_set1_ps(32767.0f), amax);
+                const __m512    inv = _mm512_maskz_div_ps(pos, _mm512_set1_ps(127.0f), amax);
                 __m512i sum = _mm512_setzero_si512();
-                for (int k = 0; k < G; k += 2) {
-                    const __m512i e = _mm512_cvtps_epi32(_mm512_mul_ps(cf[k],     inv));
-                    const __m512i o = _mm512_cvtps_epi32(_mm512_mul_ps(cf[k + 1], inv));
-                    sum = _mm512_add_epi32(sum, _mm512_add_epi32(e, o));
-                    _mm512_store_si512(pair[t][k/2], _mm512_or_si512(_mm512_and_si512(e, _mm512_set1_epi32(0xFFFF)), _mm512_slli_epi32(o, 16)));
+                for (int k = 0; k < G; k += 4) {
+                    __m512i w = _mm512_setzero_si512();
+                    for (int i = 0; i < 4; ++i) {
+                        const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(cf[k + i], inv));
+                        sum = _mm512_add_epi32(sum, q);
+                        w = _mm512_or_si512(w, _mm512_slli_epi32(_mm512_and_si512(q, _mm512_set1_epi32(0xFF)), 8*i));
+                    }
+                    _mm512_store_si512(quad[t][k/4], w);
                 }
                 _mm512_store_si512(init[t], _mm512_mullo_epi32(sum, _mm512_set1_epi32(-Q::q_off)));
-                _mm512_store_ps(scale[t], _mm512_mul_ps(amax, _mm512_set1_ps(1.0f/32767.0f)));
+                _mm512_store_ps(scale[t], _mm512_mul_ps(amax, _mm512_set1_ps(1.0f/127.0f)));
                 _mm512_store_ps(add[t], mins);
             }
             constexpr unsigned all = (1u << Q::step) - 1;
@@ -1311,12 +1333,12 @@ static void sparse_down_rows_i16(const char * data, size_t nb1, const std::pair<
                         a[t][i] = _mm512_set1_epi32(init[t][j + i/2]);
                     }
                 }
-                for (int k = 0; k < nr; k += 2) {
+                for (int k = 0; k < nr; k += 4) {
                     __m512i q[NQ];
-                    Q::quants(rows[k], rows[k + 1], c, q);
+                    Q::quants(rows + k, c, q);
                     for (int t = 0; t < NT; ++t) {
                         for (int i = 0; i < NQ; ++i) {
-                            a[t][i] = _mm512_dpwssd_epi32(a[t][i], q[i], _mm512_set1_epi32(pair[t][k/2][j + i/2]));
+                            a[t][i] = _mm512_dpbusd_epi32(a[t][i], q[i], _mm512_set1_epi32(quad[t][k/4][j + i/2]));
                         }
                     }
                 }
@@ -1345,28 +1367,29 @@ static void sparse_down_rows_i16(const char * data, size_t nb1, const std::pair<
     }
 }
 
-// sparse_down_rows_i16 for nt tokens
+// sparse_down_rows_int for nt tokens
 template <typename Q>
-static void sparse_down_rows_i16(const char * data, size_t nb1, const std::pair<int32_t, float> * const * acts, int nt,
+static void sparse_down_rows_int(const char * data, size_t nb1, const std::pair<int32_t, float> * const * acts, int nt,
         size_t n, int64_t j0, int64_t j1, float * const * outs) {
     static_assert(SPARSE_DOWN_SHARE == 4, "one instance per token count");
     switch (nt) {
-        case 1:  sparse_down_rows_i16<Q, 1>(data, nb1, acts, n, j0, j1, outs); break;
-        case 2:  sparse_down_rows_i16<Q, 2>(data, nb1, acts, n, j0, j1, outs); break;
-        case 3:  sparse_down_rows_i16<Q, 3>(data, nb1, acts, n, j0, j1, outs); break;
-        default: sparse_down_rows_i16<Q, 4>(data, nb1, acts, n, j0, j1, outs); break;
+        case 1:  sparse_down_rows_int<Q, 1>(data, nb1, acts, n, j0, j1, outs); break;
+        case 2:  sparse_down_rows_int<Q, 2>(data, nb1, acts, n, j0, j1, outs); break;
+        case 3:  sparse_down_rows_int<Q, 3>(data, nb1, acts, n, j0, j1, outs); break;
+        default: sparse_down_rows_int<Q, 4>(data, nb1, acts, n, j0, j1, outs); break;
     }
 }
+
 
 // Groups never span two slabs of SPARSE_DOWN_SLAB rows, so a token gets the same sums alone
 // (act: its active rows) and in a batch, where each slab's rows stay in L2 while every token
 // goes over its own active rows in them. (A row whose h is far larger than the rest of its
-// group, a massive activation, leaves the others coarser steps: 1/65534 of it, where ggml's
-// mat-vec rounds every activation of its 32-block to 1/254 of the block's largest.)
+// group, a massive activation, leaves the others coarse steps: 1/254 of it, as ggml's mat-vec
+// rounds every activation of its 32-block to 1/254 of the block's largest.)
 static constexpr int64_t SPARSE_DOWN_SLAB = 512;
 
 template <typename Q>
-static void sparse_down_i16(const char * data, size_t nb1, const ggml_tensor * h,
+static void sparse_down_int(const char * data, size_t nb1, const ggml_tensor * h,
         const std::vector<std::pair<int32_t, float>> & act, int64_t j0, int64_t j1, float * out, int64_t n_embd) {
     if (h->ne[1] == 1) {
         for (size_t a = 0; a < act.size(); ) {
@@ -1377,7 +1400,7 @@ static void sparse_down_i16(const char * data, size_t nb1, const ggml_tensor * h
             }
             const std::pair<int32_t, float> * acts[1] = { act.data() + a };
             float * const                     outs[1] = { out };
-            sparse_down_rows_i16<Q>(data, nb1, acts, 1, b - a, j0, j1, outs);
+            sparse_down_rows_int<Q>(data, nb1, acts, 1, b - a, j0, j1, outs);
             a = b;
         }
         return;
@@ -1410,7 +1433,7 @@ static void sparse_down_i16(const char * data, size_t nb1, const ggml_tensor * h
                 acts[nt] = slab[t + nt].data();
                 outs[nt] = out + (t + nt)*n_embd;
             }
-            sparse_down_rows_i16<Q>(data, nb1, acts, nt, slab[t].size(), j0, j1, outs);
+            sparse_down_rows_int<Q>(data, nb1, acts, nt, slab[t].size(), j0, j1, outs);
             t += nt;
         }
     }
@@ -1418,11 +1441,11 @@ static void sparse_down_i16(const char * data, size_t nb1, const ggml_tensor * h
 #else
 // no integer path: sparse_down_block is only ever given I = void
 template <typename Q>
-static void sparse_down_i16(const char *, size_t, const ggml_tensor *, const std::vector<std::pair<int32_t, float>> &, int64_t, int64_t, float *, int64_t);
-using sparse_i16_q4_0 = void;
-using sparse_i16_q4_1 = void;
-using sparse_i16_q8_0 = void;
-using sparse_i16_q4_K = void;
+static void sparse_down_int(const char *, size_t, const ggml_tensor *, const std::vector<std::pair<int32_t, float>> &, int64_t, int64_t, float *, int64_t);
+using sparse_int_q4_0 = void;
+using sparse_int_q4_1 = void;
+using sparse_int_q8_0 = void;
+using sparse_int_q4_K = void;
 #endif
 
 // Several tokens: NT tokens x NB blocks (2*NB*NT registers), continuing from the partial sums
@@ -1508,7 +1531,7 @@ template <typename B, typename I = void>
 static void sparse_down_block(const char * data, size_t nb1, const ggml_tensor * h,
         const std::vector<std::pair<int32_t, float>> & act, int64_t j0, int64_t j1, float * out, int64_t n_embd) {
     if constexpr (!std::is_void_v<I>) {
-        sparse_down_i16<I>(data, nb1, h, act, j0, j1, out, n_embd);
+        sparse_down_int<I>(data, nb1, h, act, j0, j1, out, n_embd);
     } else if (h->ne[1] == 1) {
         sparse_down_rows<B>(data, nb1, act, j0, j1, out);
     } else {
@@ -1527,11 +1550,11 @@ static bool sparse_down_fast(const ggml_tensor * dt, const ggml_tensor * h,
     const size_t  nb1    = dt->nb[1];
     const int64_t n_embd = dt->ne[0];
     switch (dt->type) {
-        case GGML_TYPE_Q4_0: sparse_down_block<sparse_blk_q4_0, sparse_i16_q4_0>(data, nb1, h, act, j0, j1, out, n_embd); return true;
-        case GGML_TYPE_Q4_1: sparse_down_block<sparse_blk_q4_1, sparse_i16_q4_1>(data, nb1, h, act, j0, j1, out, n_embd); return true;
+        case GGML_TYPE_Q4_0: sparse_down_block<sparse_blk_q4_0, sparse_int_q4_0>(data, nb1, h, act, j0, j1, out, n_embd); return true;
+        case GGML_TYPE_Q4_1: sparse_down_block<sparse_blk_q4_1, sparse_int_q4_1>(data, nb1, h, act, j0, j1, out, n_embd); return true;
         case GGML_TYPE_Q5_0: sparse_down_block<sparse_blk_q5_0>(data, nb1, h, act, j0, j1, out, n_embd); return true;
-        case GGML_TYPE_Q8_0: sparse_down_block<sparse_blk_q8_0, sparse_i16_q8_0>(data, nb1, h, act, j0, j1, out, n_embd); return true;
-        case GGML_TYPE_Q4_K: sparse_down_block<sparse_blk_q4_K, sparse_i16_q4_K>(data, nb1, h, act, j0, j1, out, n_embd); return true;
+        case GGML_TYPE_Q8_0: sparse_down_block<sparse_blk_q8_0, sparse_int_q8_0>(data, nb1, h, act, j0, j1, out, n_embd); return true;
+        case GGML_TYPE_Q4_K: sparse_down_block<sparse_blk_q4_K, sparse_int_q4_K>(data, nb1, h, act, j0, j1, out, n_embd); return true;
         case GGML_TYPE_Q5_K: sparse_down_block<sparse_blk_q5_K>(data, nb1, h, act, j0, j1, out, n_embd); return true;
         case GGML_TYPE_Q6_K: sparse_down_block<sparse_blk_q6_K>(data, nb1, h, act, j0, j1, out, n_embd); return true;
         case GGML_TYPE_F16:  sparse_down_block<sparse_blk_f16> (data, nb1, h, act, j0, j1, out, n_embd); return true;
