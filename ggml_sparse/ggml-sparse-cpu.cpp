@@ -1123,8 +1123,8 @@ static void sparse_down_rows(const char * data, size_t nb1, const std::vector<st
 // mat-vec applies to its activations, each to 1/254 of its 32-block's largest. A block whose
 // coefficients are not all finite takes the float path.
 //
-// Q describes a type: blk (its float path), coef (the coefficients h*d of 16 blocks from c, 0
-// past n, and mins += h*m for a type whose weight is d*q + m), q_off (subtracted from the
+// Q describes a type: blk (its float path), scales (d of 16 blocks from c, 0 past n, and m if
+// has_min, the weight being d*q + m: a row's coefficients are h*d, its min terms h*m), q_off (subtracted from the
 // quants) and quants (four rows' quants of the `step` blocks from c as unsigned bytes, byte
 // 4i + u of a lane of column i from row u: q[2u] columns 0..15 of block c + u, q[2u + 1]
 // 16..31).
@@ -1174,36 +1174,39 @@ static __m512i sparse_block_heads(const char * p, size_t size, int n) {
 // 16 halves (the low or high 16 bits of each 32-bit lane) as floats
 static __m512 sparse_halves_lo(__m512i v) { return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v)); }
 static __m512 sparse_halves_hi(__m512i v) { return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(v, 16))); }
-// h*d of 16 blocks of type B from block c of a row, d a block's first half (Q4_0, Q8_0)
+// d of 16 blocks of type B from block c of a row, d a block's first half (Q4_0, Q8_0)
 template <typename B>
-static __m512 sparse_coef_d(const char * row, int64_t c, int n, float h) {
-    return _mm512_mul_ps(_mm512_set1_ps(h), sparse_halves_lo(sparse_block_heads(row + c*B::size, B::size, n)));
+static void sparse_scales_d(const char * row, int64_t c, int n, __m512 & d, __m512 &) {
+    d = sparse_halves_lo(sparse_block_heads(row + c*B::size, B::size, n));
 }
 
 struct sparse_int_q4_0 : sparse_int_nibbles<block_q4_0> {
     using blk = sparse_blk_q4_0;
-    static constexpr int q_off = 8;
-    static void coef(const char * row, int64_t c, int n, float h, __m512 & cf, __m512 &) {
-        cf = sparse_coef_d<blk>(row, c, n, h);
+    static constexpr int  q_off   = 8;
+    static constexpr bool has_min = false;
+    static void scales(const char * row, int64_t c, int n, __m512 & d, __m512 & m) {
+        sparse_scales_d<blk>(row, c, n, d, m);
     }
 };
 
 struct sparse_int_q4_1 : sparse_int_nibbles<block_q4_1> {
     using blk = sparse_blk_q4_1;
-    static constexpr int q_off = 0;
-    static void coef(const char * row, int64_t c, int n, float h, __m512 & cf, __m512 & mins) {
+    static constexpr int  q_off   = 0;
+    static constexpr bool has_min = true;
+    static void scales(const char * row, int64_t c, int n, __m512 & d, __m512 & m) {
         const __m512i dm = sparse_block_heads(row + c*blk::size, blk::size, n); // d, then m
-        cf   = _mm512_mul_ps(_mm512_set1_ps(h), sparse_halves_lo(dm));
-        mins = _mm512_fmadd_ps(_mm512_set1_ps(h), sparse_halves_hi(dm), mins);
+        d = sparse_halves_lo(dm);
+        m = sparse_halves_hi(dm);
     }
 };
 
 struct sparse_int_q8_0 {
     using blk = sparse_blk_q8_0;
-    static constexpr int q_off = 128;
-    static constexpr int step  = 1;
-    static void coef(const char * row, int64_t c, int n, float h, __m512 & cf, __m512 &) {
-        cf = sparse_coef_d<blk>(row, c, n, h);
+    static constexpr int  q_off   = 128;
+    static constexpr bool has_min = false;
+    static constexpr int  step    = 1;
+    static void scales(const char * row, int64_t c, int n, __m512 & d, __m512 & m) {
+        sparse_scales_d<blk>(row, c, n, d, m);
     }
     // the quants plus 128 (q_off), to be unsigned
     static void quants(const char * const * r, int64_t c, __m512i * q) {
@@ -1222,25 +1225,26 @@ struct sparse_int_q8_0 {
 // weight = d*sc*q - dmin*m, the 6-bit sc and m decoded per row
 struct sparse_int_q4_K {
     using blk = sparse_blk_q4_K;
-    static constexpr int q_off = 0;
-    static constexpr int step  = 2;
-    static void coef(const char * row, int64_t c, int n, float h, __m512 & cf, __m512 & mins) {
+    static constexpr int  q_off   = 0;
+    static constexpr bool has_min = true;
+    static constexpr int  step    = 2;
+    static void scales(const char * row, int64_t c, int n, __m512 & d, __m512 & m) {
         // per super-block (n: whole ones, columns split in 256s) its 8 scales and 8 mins, in
         // registers: through memory, the loads after the stores stalled (perf: 10 % of the axpy)
-        __m128i v[2] = { _mm_setzero_si128(), _mm_setzero_si128() };
-        float   d[2]  = { 0.0f, 0.0f };
-        float   dm[2] = { 0.0f, 0.0f };
+        __m128i v[2]  = { _mm_setzero_si128(), _mm_setzero_si128() };
+        float   sd[2] = { 0.0f, 0.0f };
+        float   sm[2] = { 0.0f, 0.0f };
         for (int s = 0; s < n/8; ++s) {
             const block_q4_K * b  = (const block_q4_K *) row + c/8 + s;
             const ggml_half  * dd = (const ggml_half *) b; // d, then dmin
             v[s]  = sparse_scales_mins_k4(b->scales);
-            d[s]  = h*GGML_CPU_FP16_TO_FP32(dd[0]);
-            dm[s] = -h*GGML_CPU_FP16_TO_FP32(dd[1]);
+            sd[s] = GGML_CPU_FP16_TO_FP32(dd[0]);
+            sm[s] = -GGML_CPU_FP16_TO_FP32(dd[1]);
         }
-        const __m512 vd  = _mm512_insertf32x8(_mm512_set1_ps(d[0]),  _mm256_set1_ps(d[1]),  1);
-        const __m512 vdm = _mm512_insertf32x8(_mm512_set1_ps(dm[0]), _mm256_set1_ps(dm[1]), 1);
-        cf   = _mm512_mul_ps(vd, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi64(v[0], v[1]))));
-        mins = _mm512_fmadd_ps(vdm, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi64(v[0], v[1]))), mins);
+        const __m512 vd = _mm512_insertf32x8(_mm512_set1_ps(sd[0]), _mm256_set1_ps(sd[1]), 1);
+        const __m512 vm = _mm512_insertf32x8(_mm512_set1_ps(sm[0]), _mm256_set1_ps(sm[1]), 1);
+        d = _mm512_mul_ps(vd, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi64(v[0], v[1]))));
+        m = _mm512_mul_ps(vm, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi64(v[0], v[1]))));
     }
     // sub-blocks c and c + 1 (c even): the low and the high nibbles of the 32 bytes at qs + 16*(c%8)
     static void quants(const char * const * r, int64_t c, __m512i * q) {
@@ -1297,13 +1301,22 @@ static void sparse_down_rows_int(const char * data, size_t nb1, const std::pair<
             alignas(64) float   scale[NT][16];
             alignas(64) float   add[NT][16];
             __mmask16           fin[NT];
+            __m512 d[G];
+            __m512 m[G];
+            for (int k = 0; k < G; ++k) {
+                Q::scales(rows[k], cb, nb, d[k], m[k]);
+            }
             for (int t = 0; t < NT; ++t) {
                 __m512 cf[G];
                 __m512 amax = _mm512_setzero_ps();
                 __m512 mins = _mm512_setzero_ps();
                 for (int k = 0; k < G; ++k) {
-                    Q::coef(rows[k], cb, nb, h[t][k], cf[k], mins);
-                    amax = _mm512_max_ps(amax, _mm512_abs_ps(cf[k]));
+                    const __m512 hk = _mm512_set1_ps(h[t][k]);
+                    cf[k] = _mm512_mul_ps(hk, d[k]);
+                    amax  = _mm512_max_ps(amax, _mm512_abs_ps(cf[k]));
+                    if constexpr (Q::has_min) {
+                        mins = _mm512_fmadd_ps(hk, m[k], mins);
+                    }
                 }
                 fin[t] = _mm512_cmp_ps_mask(amax, _mm512_set1_ps(INFINITY), _CMP_LT_OQ);
                 const __mmask16 pos = _mm512_cmp_ps_mask(amax, _mm512_setzero_ps(), _CMP_GT_OQ) & fin[t];
