@@ -1114,9 +1114,9 @@ static void sparse_down_rows(const char * data, size_t nb1, const std::vector<st
 // Integer sums (Q4_0, Q4_1, Q8_0, Q4_K). Counted from the source, the float path takes about
 // 19 instructions for each 32 weights of a row (decode to floats, then load, multiply-add and
 // store the sums), this one about 4 (Q4_0: 11 for a quad of rows, 11 to flush a group of 16,
-// about 12 per row for the coefficients of 16 blocks). It takes SPARSE_DOWN_GROUP active rows at a
-// time. Per 32-column block (a K-quant's sub-block), each row's coefficient h*d becomes a
-// signed byte on a scale shared by the group (its largest is 127); vpdpbusd multiplies the
+// about 12 per row for the coefficients of 16 blocks). It takes SPARSE_DOWN_GROUP active rows
+// at a time. Per 32-column block (a K-quant's sub-block), each row's coefficient h*d becomes
+// a signed byte on a scale shared by the group (its largest is 127); vpdpbusd multiplies the
 // quants of four rows, each 32-bit lane a column's four bytes, by the four coefficients and
 // adds them to 32-bit integers; the scaled sum goes into the float sums once per group.
 // Rounding a coefficient moves it by at most 1/254 of the group's largest: the step ggml's
@@ -1124,10 +1124,10 @@ static void sparse_down_rows(const char * data, size_t nb1, const std::vector<st
 // coefficients are not all finite takes the float path.
 //
 // Q describes a type: blk (its float path), scales (d of 16 blocks from c, 0 past n, and m if
-// has_min, the weight being d*q + m: a row's coefficients are h*d, its min terms h*m), q_off (subtracted from the
-// quants) and quants (four rows' quants of the `step` blocks from c as unsigned bytes, byte
-// 4i + u of a lane of column i from row u: q[2u] columns 0..15 of block c + u, q[2u + 1]
-// 16..31).
+// has_min, the weight being d*q + m: a row's coefficients are h*d, its min terms h*m), q_off
+// (subtracted from the quants) and quants (four rows' quants of the `step` blocks from c as
+// unsigned bytes, byte 4i + u of a lane of column i from row u: q[2u] columns 0..15 of block
+// c + u, q[2u + 1] 16..31).
 static constexpr int SPARSE_DOWN_GROUP = 16;
 
 // vpermb/vpermt2b indices: byte 4i + u of the result is byte BASE + i + u*STRIDE of the
@@ -1266,9 +1266,9 @@ struct sparse_int_q4_K {
 // tokens at most that share a group's quants (sparse_down_rows_int)
 static constexpr int SPARSE_DOWN_SHARE = 4;
 
-// the n active rows (in row order) of nt <= SPARSE_DOWN_SHARE tokens that have the same ones, acts[t]
-// token t's (row, h), into outs[t][j0, j1): each token summed exactly as alone, each row
-// quad's quants unpacked once for all of them
+// the n active rows (in row order) of nt <= SPARSE_DOWN_SHARE tokens that have the same ones,
+// acts[t] token t's (row, h), into outs[t][j0, j1): each token summed exactly as alone, each
+// row's scales read and each row quad's quants unpacked once for all of them
 template <typename Q, int NT>
 static void sparse_down_rows_int(const char * data, size_t nb1, const std::pair<int32_t, float> * const * acts,
         size_t n, int64_t j0, int64_t j1, float * const * outs) {
@@ -1294,18 +1294,19 @@ static void sparse_down_rows_int(const char * data, size_t nb1, const std::pair<
             for (size_t r = g + G; r < std::min(n, g + 2*G); ++r) {
                 sparse_prefetch_l2(data + act[r].first*nb1 + cb/B::nsub*B::size, (nb + B::nsub - 1)/B::nsub*B::size);
             }
-            // per token, the 16 blocks' coefficients row by row as bytes on the group's scale (its
-            // largest 127), the four of a quad of rows in one 32-bit word; the min terms
-            alignas(64) int32_t quad[NT][G/4][16];
-            alignas(64) int32_t init[NT][16];
-            alignas(64) float   scale[NT][16];
-            alignas(64) float   add[NT][16];
-            __mmask16           fin[NT];
+            // each row's scales of the 16 blocks; per token, the coefficients row by row as bytes on
+            // the group's scale (its largest 127), the four of a quad of rows in one 32-bit word,
+            // and the min terms
             __m512 d[G];
             __m512 m[G];
             for (int k = 0; k < G; ++k) {
                 Q::scales(rows[k], cb, nb, d[k], m[k]);
             }
+            alignas(64) int32_t quad[NT][G/4][16];
+            alignas(64) int32_t init[NT][16];
+            alignas(64) float   scale[NT][16];
+            alignas(64) float   add[NT][16];
+            __mmask16           fin[NT];
             for (int t = 0; t < NT; ++t) {
                 __m512 cf[G];
                 __m512 amax = _mm512_setzero_ps();
@@ -1392,7 +1393,6 @@ static void sparse_down_rows_int(const char * data, size_t nb1, const std::pair<
         default: sparse_down_rows_int<Q, 4>(data, nb1, acts, n, j0, j1, outs); break;
     }
 }
-
 
 // Groups never span two slabs of SPARSE_DOWN_SLAB rows, so a token gets the same sums alone
 // (act: its active rows) and in a batch, where each slab's rows stay in L2 while every token
