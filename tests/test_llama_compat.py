@@ -61,8 +61,16 @@ def ours(sparse_script: Path, smollm2: Path) -> dict[str, Any]:
     return run_script(sparse_script, smollm2, None)
 
 
-def check_structure(r: dict[str, Any]) -> None:
-    """What any model's results look like, whatever it generated."""
+def check_structure(r: dict[str, Any], stream_equals_chat: bool = True) -> None:
+    """What any model's results look like, whatever it generated.
+
+    The streamed chat repeats the chat's prompt, so llama-cpp-python keeps the
+    cached prompt and evaluates only its last token again, alone. With
+    `stream_equals_chat` (the dense model) its greedy answer must be the
+    chat's. A sparse
+    file's prompt batch and single token sum in different orders
+    (test_sparse_runtime.py::test_token_by_token_equals_batched), and on the
+    pruned fixture that flips a near tie for the first word ("The" / "Le")."""
     assert r["n_ctx"] == 512 and r["n_vocab"] > 1000
     assert r["greedy"]["text"].strip()
     assert r["greedy"]["finish_reason"] in ("stop", "length")
@@ -84,7 +92,8 @@ def check_structure(r: dict[str, Any]) -> None:
     deltas = r["chat_stream"]["deltas"]
     assert deltas[0] == {"role": "assistant"} and len(deltas) > 3
     # streaming does not change what greedy decoding says
-    assert r["chat_stream"]["content"] == r["chat"]["content"]
+    if stream_equals_chat:
+        assert r["chat_stream"]["content"] == r["chat"]["content"]
     tok = r["tokenize"]
     assert tok["detokenized"] == TEXT
     assert len(tok["special"]) == 2  # the control token is one token, "user" another
@@ -111,7 +120,7 @@ def test_script_runs_on_a_sparse_gguf(
 ) -> None:
     r = run_script(sparse_script, sparse_smollm2, None)
     assert Path(r.pop("library")).parent == lib_dir()
-    check_structure(r)
+    check_structure(r, stream_equals_chat=False)
     # the converter keeps the vocabulary and the chat template
     assert r["n_vocab"] == ours["n_vocab"]
     assert r["tokenize"] == ours["tokenize"]
