@@ -76,7 +76,7 @@ static constexpr int64_t SPARSE_ROW_CHUNK = 16;
 static constexpr size_t  SPARSE_ALIGN     = 64;
 static constexpr int     SPARSE_PREFETCH  = 4;  // down_t rows ahead, one token (4 and 8 alike, 2 slower)
 static constexpr int64_t SPARSE_DOWN_SPAN = 64; // down_t 32-column blocks summed per pass over the rows, one token (32, 128 slower)
-static constexpr int64_t SPARSE_DOWN_SLAB = 512; // down_t rows whose integer groups and halves (sparse_down_parts) never span two
+static constexpr int64_t SPARSE_DOWN_SLAB = 512; // down_t rows per slab: no integer group and no half (sparse_down_parts) crosses one
 // skip-row product: weight bytes prefetched ahead, unless at least SPARSE_PREFETCH_DENSE of the
 // rows are read and rows are at least SPARSE_PREFETCH_LONG_ROW bytes (a page): a dense run
 static constexpr size_t  SPARSE_PREFETCH_BYTES    = 32768;
@@ -1623,24 +1623,25 @@ static bool sparse_down_has_fast(ggml_type) {
 }
 #endif
 
-// this thread's share [j0, j1) of n_embd columns split in whole quantization blocks, 64
-// floats at least
-static void sparse_down_columns(ggml_type type, int64_t n_embd, int ith, int nth, int64_t & j0, int64_t & j1) {
+// this thread's share [j0, j1) of n columns split in whole quantization blocks, 64 floats at
+// least (sparse_down_parts splits a token's two halves' columns as 2 n_embd in a row)
+static void sparse_down_columns(ggml_type type, int64_t n, int ith, int nth, int64_t & j0, int64_t & j1) {
     const int64_t blck = ggml_blck_size(type);
     const int64_t unit = blck >= 64 ? blck : 64/blck*blck;
     int64_t u0, u1;
-    sparse_split((n_embd + unit - 1)/unit, ith, nth, u0, u1);
-    j0 = std::min(n_embd, u0*unit);
-    j1 = std::min(n_embd, u1*unit);
+    sparse_split((n + unit - 1)/unit, ith, nth, u0, u1);
+    j0 = std::min(n, u0*unit);
+    j1 = std::min(n, u1*unit);
 }
 
 // The fast paths sum the rows in two halves (split at a slab boundary), each from zero, the
 // first into dst and the second into the work buffer, and then add them. A single token's
 // threads share out the (half, columns) pairs, so with two threads each streams through one
 // half's whole rows: split by columns, each thread read half of every row, 10-20 % slower
-// from memory (Q8_0, Q4_0, Q4_K at the 7B shape). A batch's threads split the columns of both halves, each thread's part of a slab
-// staying in L2 for all the tokens. The halves are fixed, so the sums do not depend on the
-// thread count, and a token gets the same ones alone and in a batch.
+// from memory (Q8_0, Q4_0, Q4_K at the 7B shape). A batch's threads split the columns of
+// both halves, each thread's part of a slab staying in L2 for all the tokens. The halves are
+// fixed, so the sums do not depend on the thread count, and a token gets the same ones alone
+// and in a batch.
 static constexpr int SPARSE_DOWN_PARTS = 2;
 
 static void sparse_down_parts(const ggml_compute_params * params, ggml_tensor * dst) {
