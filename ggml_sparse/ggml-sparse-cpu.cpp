@@ -17,14 +17,15 @@
 //             of SPARSE_ROW_CHUNK round-robin: neurons are stored hot-first,
 //             so the active rows cluster at the start and a contiguous split
 //             would leave one thread with most of the work. A thread gathers
-//             its active rows, prefetches them into L2 and takes them four at
-//             a time where it has a four-row kernel, one at a time otherwise:
-//             AVX512-VNNI row kernels (Q4_0, Q4_1, Q8_0, Q4_K) that read rows
-//             as stored against x laid out once per token under them, else
-//             AVX2 ones (Q4_0, Q4_1, Q5_0, Q8_0; AVX-512: F16), else the
-//             type's vec_dot. When nearly all of its long rows are active,
-//             one at a time through vec_dot without prefetch (the hardware
-//             prefetcher follows that stream)
+//             its active rows and takes them four at a time where it has a
+//             four-row kernel, one at a time otherwise: AVX512-VNNI row
+//             kernels (Q4_0, Q4_1, Q8_0, Q4_K) that read rows as stored
+//             against x laid out once per token under them, else AVX2 ones
+//             (Q4_0, Q4_1, Q5_0, Q8_0; AVX-512: F16), else the type's vec_dot.
+//             The kernels prefetch the rows ahead into L2 line by line as
+//             they read; vec_dot's are prefetched whole, except when nearly
+//             all of its long rows are active (the hardware prefetcher
+//             follows that stream)
 //   mask      elementwise, each token's row split in contiguous ranges
 //   down      AVX-512 fast paths (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K,
 //             F16, BF16, F32): the rows in two halves, the first summed into
@@ -77,16 +78,22 @@ static constexpr size_t  SPARSE_ALIGN     = 64;
 static constexpr int     SPARSE_PREFETCH  = 4;  // down_t rows ahead, one token (4 and 8 alike, 2 slower)
 static constexpr int64_t SPARSE_DOWN_SPAN = 64; // down_t 32-column blocks summed per pass over the rows, one token (32, 128 slower)
 static constexpr int64_t SPARSE_DOWN_SLAB = 512; // down_t rows per slab: no integer group and no half (sparse_down_parts) crosses one
-// skip-row product: weight bytes prefetched ahead, unless at least SPARSE_PREFETCH_DENSE of the
-// rows are read and rows are at least SPARSE_PREFETCH_LONG_ROW bytes (a page): a dense run
+// skip-row product: weight bytes prefetched ahead, except for rows read by vec_dot when at least
+// SPARSE_PREFETCH_DENSE of the rows are read and rows are at least SPARSE_PREFETCH_LONG_ROW bytes
+// (a page): a dense run
 static constexpr size_t  SPARSE_PREFETCH_BYTES    = 32768;
 static constexpr double  SPARSE_PREFETCH_DENSE    = 0.9;
 static constexpr size_t  SPARSE_PREFETCH_LONG_ROW = 4096;
 
-// prefetch n bytes from p into L2 (the hardware prefetcher does not follow skipped rows)
+// prefetch the line at p into L2 (the hardware prefetcher does not follow skipped rows)
+static void sparse_prefetch(const void * p) {
+    __builtin_prefetch(p, 0, 1);
+}
+
+// prefetch n bytes from p into L2
 static void sparse_prefetch_l2(const void * p, size_t n) {
     for (size_t off = 0; off < n; off += 64) {
-        __builtin_prefetch((const char *) p + off, 0, 1);
+        sparse_prefetch((const char *) p + off);
     }
 }
 
@@ -255,7 +262,11 @@ static void sparse_mul_mat_ref(const ggml_compute_params * params, ggml_tensor *
 // one chain of dependent multiply-adds; four independent chains share each block of y and keep
 // the multiply-add units busy, as ggml's dense product does by blocking rows. nullptr: no such
 // kernel for the type, use vec_dot row by row.
-typedef void (*sparse_dot4_t)(int64_t n, const char * const * rows, const void * y, float * out);
+//
+// While it reads rows[r] a kernel prefetches the same bytes of pf[r] into L2 (rows further down
+// the list; pf = rows when there are none), one line per line read, so the prefetches keep pace
+// with the reads instead of queueing a row's lines at once ahead of them.
+typedef void (*sparse_dot4_t)(int64_t n, const char * const * rows, const char * const * pf, const void * y, float * out);
 
 #if defined(__AVX2__)
 // the 32 nibbles of a Q4 block in [0, 15]: low nibbles first, as ggml stores them
@@ -301,7 +312,7 @@ static __m256i sparse_quants(const block_q5_0 * x) {
 // Q4_0 (OFF 8) and Q5_0 (OFF 16) x Q8_0: sum (q - OFF) y = sum q y - OFF sum y, the second term
 // once per block for all rows
 template <typename block, int OFF>
-static void sparse_dot4_offset(int64_t n, const char * const * rows, const void * vy, float * out) {
+static void sparse_dot4_offset(int64_t n, const char * const * rows, const char * const * pf, const void * vy, float * out) {
     const block_q8_0 * y = (const block_q8_0 *) vy;
     __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps() };
     for (int64_t ib = 0; ib < n/QK8_0; ++ib) {
@@ -310,6 +321,7 @@ static void sparse_dot4_offset(int64_t n, const char * const * rows, const void 
         const float   dy  = GGML_CPU_FP16_TO_FP32(y[ib].d);
         for (int r = 0; r < 4; ++r) {
             const block * x = (const block *) rows[r] + ib;
+            sparse_prefetch((const char *) ((const block *) pf[r] + ib));
             const __m256  p = _mm256_cvtepi32_ps(sparse_dpbusd(off, sparse_quants(x), qy));
             acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(GGML_CPU_FP16_TO_FP32(x->d)*dy), p, acc[r]);
         }
@@ -320,7 +332,7 @@ static void sparse_dot4_offset(int64_t n, const char * const * rows, const void 
 }
 
 // Q4_1 x Q8_1: sum (d q + m) (dy y) = d dy sum q y + m (dy sum y), the last factor stored in y
-static void sparse_dot4_q4_1(int64_t n, const char * const * rows, const void * vy, float * out) {
+static void sparse_dot4_q4_1(int64_t n, const char * const * rows, const char * const * pf, const void * vy, float * out) {
     const block_q8_1 * y = (const block_q8_1 *) vy;
     __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps() };
     float  sm[4]  = { 0.0f, 0.0f, 0.0f, 0.0f };
@@ -331,6 +343,7 @@ static void sparse_dot4_q4_1(int64_t n, const char * const * rows, const void * 
         const float   sy = GGML_CPU_FP16_TO_FP32(ds[1]);
         for (int r = 0; r < 4; ++r) {
             const block_q4_1 * x  = (const block_q4_1 *) rows[r] + ib;
+            sparse_prefetch((const char *) ((const block_q4_1 *) pf[r] + ib));
             const ggml_half  * dm = (const ggml_half *) x; // d, then m
             const __m256 p = _mm256_cvtepi32_ps(sparse_dpbusd(_mm256_setzero_si256(), sparse_nibbles(x->qs), qy));
             acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(GGML_CPU_FP16_TO_FP32(dm[0])*dy), p, acc[r]);
@@ -343,7 +356,7 @@ static void sparse_dot4_q4_1(int64_t n, const char * const * rows, const void * 
 }
 
 // Q8_0 x Q8_0: signed x signed as |x| x (y with x's sign)
-static void sparse_dot4_q8_0(int64_t n, const char * const * rows, const void * vy, float * out) {
+static void sparse_dot4_q8_0(int64_t n, const char * const * rows, const char * const * pf, const void * vy, float * out) {
     const block_q8_0 * y = (const block_q8_0 *) vy;
     __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps() };
     for (int64_t ib = 0; ib < n/QK8_0; ++ib) {
@@ -351,6 +364,7 @@ static void sparse_dot4_q8_0(int64_t n, const char * const * rows, const void * 
         const float   dy = GGML_CPU_FP16_TO_FP32(y[ib].d);
         for (int r = 0; r < 4; ++r) {
             const block_q8_0 * x  = (const block_q8_0 *) rows[r] + ib;
+            sparse_prefetch((const char *) ((const block_q8_0 *) pf[r] + ib));
             const __m256i      qx = _mm256_loadu_si256((const __m256i *) x->qs);
             const __m256 p = _mm256_cvtepi32_ps(sparse_dpbusd(_mm256_setzero_si256(), _mm256_sign_epi8(qx, qx), _mm256_sign_epi8(qy, qx)));
             acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(GGML_CPU_FP16_TO_FP32(x->d)*dy), p, acc[r]);
@@ -364,13 +378,16 @@ static void sparse_dot4_q8_0(int64_t n, const char * const * rows, const void * 
 #if defined(__AVX512F__)
 // F16 x F16 (AVX-512): each 16 values of y converted once for the four rows, sums in F32 as in
 // ggml's vec_dot_f16 (which converts both sides for every row)
-static void sparse_dot4_f16(int64_t n, const char * const * rows, const void * vy, float * out) {
+static void sparse_dot4_f16(int64_t n, const char * const * rows, const char * const * pf, const void * vy, float * out) {
     const ggml_fp16_t * y = (const ggml_fp16_t *) vy;
     __m512  acc[4] = { _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps() };
     int64_t j = 0;
     for (; j + 16 <= n; j += 16) {
         const __m512 yv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) (y + j)));
         for (int r = 0; r < 4; ++r) {
+            if (j % 32 == 0) { // 64 bytes
+                sparse_prefetch((const char *) ((const ggml_fp16_t *) pf[r] + j));
+            }
             const __m256i w = _mm256_loadu_si256((const __m256i *) ((const ggml_fp16_t *) rows[r] + j));
             acc[r] = _mm512_fmadd_ps(_mm512_cvtph_ps(w), yv, acc[r]);
         }
@@ -502,7 +519,7 @@ static void sparse_dot_prepare(const void * vy, int64_t n, sparse_dot_x * xs) {
 
 // out[r] = rows[r] . x for R rows of n values, x laid out by sparse_dot_prepare
 template <typename W, int R>
-static void sparse_dot_rows(int64_t n, const char * const * rows, const void * vx, float * out) {
+static void sparse_dot_rows(int64_t n, const char * const * rows, const char * const * pf, const void * vx, float * out) {
     const sparse_dot_x * xs = (const sparse_dot_x *) vx;
     static const sparse_dot_idx<W> tab;
     constexpr int   NX   = sparse_dot_n_x<W>;
@@ -526,6 +543,7 @@ static void sparse_dot_rows(int64_t n, const char * const * rows, const void * v
         const __m512i        idx = tab.idx[zp];
         for (int r = 0; r < R; ++r) {
             const char *  p = rows[r] + 64*z;
+            sparse_prefetch(pf[r] + 64*z);
             const __m512i w = z + 1 < n_xs ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(tail, p);
             __m512i sum;
             if constexpr (W::nibbles) {
@@ -577,7 +595,7 @@ static void sparse_dot_prepare_q4_K(const void * vy, int64_t n, sparse_dot_x * x
 }
 
 template <int R>
-static void sparse_dot_rows_q4_K(int64_t n, const char * const * rows, const void * vx, float * out) {
+static void sparse_dot_rows_q4_K(int64_t n, const char * const * rows, const char * const * pf, const void * vx, float * out) {
     const sparse_dot_x * xs = (const sparse_dot_x *) vx;
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     // the scale of each lane's sub-block, from the 8 scales in lanes 0..7: the low nibbles of
@@ -600,6 +618,10 @@ static void sparse_dot_rows_q4_K(int64_t n, const char * const * rows, const voi
         const float          dy = _mm512_cvtss_f32(_mm512_permutexvar_ps(_mm512_set1_epi32(8), fy));
         for (int r = 0; r < R; ++r) {
             const block_q4_K * b  = (const block_q4_K *) rows[r] + ib;
+            const char       * bp = (const char *) ((const block_q4_K *) pf[r] + ib); // 144 bytes
+            sparse_prefetch(bp);
+            sparse_prefetch(bp + 64);
+            sparse_prefetch(bp + 128);
             const ggml_half  * dd = (const ggml_half *) b; // d, then dmin
             const __m512i sm = _mm512_cvtepu8_epi32(sparse_scales_mins_k4(b->scales)); // lanes 0..7 scales, 8..15 mins
             const __m512i s2 = _mm512_or_si512(sm, _mm512_slli_epi32(sm, 16));         // each scale in both halves
@@ -728,32 +750,32 @@ static void sparse_mul_mat(const ggml_compute_params * params, ggml_tensor * dst
         }
     }
 
-    // A long dense run (nearly every row read, rows spanning pages) goes row by row through
-    // vec_dot without software prefetch: the hardware prefetcher follows the one long stream,
-    // which interleaved rows and prefetches only disturb. Otherwise rows ahead go into L2 (16
-    // whole rows into L1 evicted the rows in use), SPARSE_PREFETCH_BYTES ahead, and four rows at
-    // a time where all four are read, except with the row kernels on a dense run. Measured, 1
-    // thread, all / half of the rows of a 70B gate: Q4_K through vec_dot 1.5x slower / 1.2x faster
-    // with the prefetch; four rows at a time (AVX2 Q4_0, Q8_0) 1.2-1.5x slower / 1.1-1.3x faster
-    // than vec_dot; the row kernels on all rows 1.8x (Q8_0) and 1.5x (Q4_K) slower than vec_dot.
-    // SmolLM2 (360-byte rows) at level 0.1, most rows read: 1.4x faster with the prefetch. Mode
-    // off, synthetic 7B Q4_0 (2304-byte rows), llama-bench tg64 at 2 threads: 25 t/s one row at a
-    // time with the prefetch, 20 without, 22 four rows at a time.
+    // Rows ahead go into L2 (16 whole rows into L1 evicted the rows in use), SPARSE_PREFETCH_BYTES
+    // ahead: the kernels prefetch a line of the row ahead with each line they read (a whole row
+    // queued at once stalled the reads behind it), vec_dot's rows are prefetched whole after it,
+    // except on a long dense run (nearly every row read, rows spanning pages), where the hardware
+    // prefetcher follows the one stream. Four rows at a time where all four are read, except with
+    // the row kernels on a dense run. Measured (scratch harness, 8 layers of 7B weights from
+    // memory, 2 threads, us per gate): the line-by-line prefetch against the whole rows before,
+    // Q4_0 850-910 -> 800-870 at s = 0, 900 -> 730-820 at 0.1, 950 -> 660-690 at 0.3, 700 -> 520
+    // at 0.5; Q4_K 690-720 -> 450-520 at 0.5. The kernels on a long dense run against vec_dot
+    // without prefetch: Q8_0 7B 1830 -> 1460, Q4_0 rows 8192 wide 5990 -> 2340.
     const size_t        row_size  = w->nb[1];
     const int64_t       n_mine    = (n_chunk - params->ith + params->nth - 1)/params->nth*SPARSE_ROW_CHUNK;
     const bool          dense     = (int64_t) rows.size() >= SPARSE_PREFETCH_DENSE*n_mine;
     const bool          long_run  = dense && row_size >= SPARSE_PREFETCH_LONG_ROW;
-    const sparse_dot4_t four      = long_run || (dense && rk.prepare) ? nullptr : rk.four;
-    const sparse_dot4_t one       = long_run ? nullptr : rk.one;
+    const sparse_dot4_t four      = dense && rk.prepare ? nullptr : rk.four;
+    const sparse_dot4_t one       = rk.one;
     const size_t        ahead     = std::clamp<size_t>(SPARSE_PREFETCH_BYTES/row_size, 2, 32);
     for (size_t k = 0; k < rows.size(); ) {
         const size_t nr = four && k + 4 <= rows.size() ? 4 : 1;
-        for (size_t r = k + ahead; r < k + ahead + nr && !long_run && r < rows.size(); ++r) {
-            sparse_prefetch_l2((const char *) w->data + rows[r]*row_size, row_size);
-        }
+        // the rows read now and, for each, the row `ahead` that the first kernel to read it
+        // prefetches (later calls, other tokens, find it cached and pass the row itself)
         const char * row[4];
+        const char * pf[4];
         for (size_t r = 0; r < nr; ++r) {
             row[r] = (const char *) w->data + rows[k + r]*row_size;
+            pf[r]  = k + ahead + r < rows.size() ? (const char *) w->data + rows[k + ahead + r]*row_size : row[r];
         }
         for (int64_t t = 0; t < n_tok; ++t) {
             const char * xt = xq + t*xq_nb;
@@ -764,9 +786,10 @@ static void sparse_mul_mat(const ggml_compute_params * params, ggml_tensor * dst
             }
             if (all) {
                 float o[4];
-                four(n_embd, row, xk, o);
+                four(n_embd, row, pf, xk, o);
                 for (int r = 0; r < 4; ++r) {
                     out[t*n_ff + rows[k + r]] = o[r];
+                    pf[r] = row[r];
                 }
                 continue;
             }
@@ -776,10 +799,16 @@ static void sparse_mul_mat(const ggml_compute_params * params, ggml_tensor * dst
                     continue;
                 }
                 if (one) {
-                    one(n_embd, row + r, xk, out + t*n_ff + i);
+                    one(n_embd, row + r, pf + r, xk, out + t*n_ff + i);
+                    pf[r] = row[r];
                 } else {
                     traits->vec_dot((int) n_embd, out + t*n_ff + i, 0, row[r], 0, xt, 0, 1);
                 }
+            }
+        }
+        for (size_t r = 0; r < nr; ++r) {
+            if (pf[r] != row[r] && !long_run) { // read by vec_dot only
+                sparse_prefetch_l2(pf[r], row_size);
             }
         }
         k += nr;
