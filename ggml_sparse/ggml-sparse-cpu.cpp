@@ -1111,10 +1111,11 @@ static void sparse_blk_axpy_out(const sparse_blk_val & v, float h, float * out) 
 
 // One token: the active rows stream through one after the other, each read contiguously over a
 // span of SPARSE_DOWN_SPAN blocks whose sums stay in L1 (out), the row SPARSE_PREFETCH ahead
-// prefetched into L2 8 blocks at a time as these are read (its whole span at once, before, was
-// 5-25 % slower: 8 layers of 7B weights, 2 threads, Q5_0, Q5_K, Q6_K, F16). (Sums held in registers over 8 blocks of every row in turn were faster
-// only where decoding dominates, Q4_K, and by less than they lost on the others: reading a row
-// in short pieces, far apart in time, wastes memory bandwidth.)
+// prefetched into L2 8 blocks at a time as these are read (its whole span at once was 5-25 %
+// slower: 8 layers of 7B weights, 2 threads, Q5_0, Q5_K, Q6_K, F16). (Sums held in registers
+// over 8 blocks of every row in turn were faster only where decoding dominates, Q4_K, and by
+// less than they lost on the others: reading a row in short pieces, far apart in time, wastes
+// memory bandwidth.)
 template <typename B>
 static void sparse_down_rows(const char * data, size_t nb1, const std::vector<std::pair<int32_t, float>> & act,
         int64_t j0, int64_t j1, float * out) {

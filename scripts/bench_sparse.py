@@ -130,16 +130,29 @@ class ModelRun:
 
 
 def llama_bench(model: Path, s: Setting, args: argparse.Namespace) -> tuple[float, float]:
+    """One llama-bench repetition of `s`: prefill and decode tokens/s."""
     cmd = [str(bin_dir() / "llama-bench"), "-m", str(model), "-p", str(args.n_prompt),
-           "-n", str(args.n_gen), "-t", str(args.threads), "-r", str(args.reps),
-           "-o", "json"]  # fmt: skip
+           "-n", str(args.n_gen), "-t", str(args.threads), "-r", "1", "-o", "json"]  # fmt: skip
     env = {**os.environ, **s.env()}
     out = json.loads(
         subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     )
-    pp = next(statistics.median(r["samples_ts"]) for r in out if r["n_prompt"])
-    tg = next(statistics.median(r["samples_ts"]) for r in out if r["n_gen"])
+    pp = next(r["avg_ts"] for r in out if r["n_prompt"])
+    tg = next(r["avg_ts"] for r in out if r["n_gen"])
     return pp, tg
+
+
+def measure_speeds(m: ModelRun, args: argparse.Namespace) -> None:
+    """Median tokens/s of each setting over args.reps rounds, each round running every setting
+    once in turn, so that a slow spell of a shared machine costs every setting alike."""
+    samples: list[list[tuple[float, float]]] = [[] for _ in m.settings]
+    for r in range(args.reps):
+        for s, got in zip(m.settings, samples, strict=True):
+            got.append(llama_bench(m.dense if s.mode == "dense" else m.sparse, s, args))
+        print(f"{m.name}: speed round {r + 1}/{args.reps} done", file=sys.stderr)
+    for s, got in zip(m.settings, samples, strict=True):
+        s.pp = statistics.median(pp for pp, _ in got)
+        s.tg = statistics.median(tg for _, tg in got)
 
 
 def weight_bytes(path: Path) -> tuple[float, float, float]:
@@ -252,8 +265,8 @@ def run_model(m: ModelRun, args: argparse.Namespace, eval_file: Path) -> None:
     llm = Llama(model_path=str(m.sparse), n_ctx=64, verbose=False)
     tokens = llm.tokenize(eval_file.read_text()[:6000].encode())[:768]
     llm.close()
+    measure_speeds(m, args)
     for s in m.settings:
-        s.pp, s.tg = llama_bench(m.dense if s.mode == "dense" else m.sparse, s, args)
         if s.mode == "off":
             s.ideal = dense_total / total
         elif s.mode != "dense":
@@ -330,7 +343,12 @@ def main() -> int:
     ap.add_argument("--kernel-types", nargs="*", default=["q4_0", "q4_K", "q5_0", "q8_0", "f16"])
     ap.add_argument("--no-kernels", action="store_true", help="skip the kernel table")
     ap.add_argument("--threads", type=int, default=2, help="threads (default: 2)")
-    ap.add_argument("--reps", type=int, default=3, help="llama-bench -r (default: 3)")
+    ap.add_argument(
+        "--reps",
+        type=int,
+        default=3,
+        help="speed rounds, each running every setting once (default: 3)",
+    )
     ap.add_argument("--n-prompt", type=int, default=128, help="prefill tokens (default: 128)")
     ap.add_argument("--n-gen", type=int, default=64, help="decode tokens (default: 64)")
     ap.add_argument("--ctx", type=int, default=512, help="perplexity context (default: 512)")
@@ -366,7 +384,8 @@ def main() -> int:
         cmd = " ".join(["python scripts/bench_sparse.py", *sys.argv[1:]])
         head = (
             f"Made by `{cmd}` on {platform.machine()}, {args.threads} threads; llama-bench pp"
-            f"{args.n_prompt} / tg{args.n_gen}, -r {args.reps}; sparsity measured and quality on "
+            f"{args.n_prompt} / tg{args.n_gen}, the median of {args.reps} rounds that each run "
+            "every setting once, in turn; sparsity measured and quality on "
             f"{args.eval_chars} characters of {source}, context {args.ctx}."
         )
         benchdoc.write_section(
