@@ -1111,8 +1111,8 @@ static void sparse_blk_axpy_out(const sparse_blk_val & v, float h, float * out) 
 
 // One token: the active rows stream through one after the other, each read contiguously over a
 // span of SPARSE_DOWN_SPAN blocks whose sums stay in L1 (out), the row SPARSE_PREFETCH ahead
-// prefetched into L2 8 blocks at a time as these are read (its whole span at once was 5-25 %
-// slower: 8 layers of 7B weights, 2 threads, Q5_0, Q5_K, Q6_K, F16). (Sums held in registers
+// prefetched into L2 8 blocks at a time as these are read (5-25 % less time than its whole
+// span at once: 8 layers of 7B weights, 2 threads, Q5_0, Q5_K, Q6_K, F16). (Sums held in registers
 // over 8 blocks of every row in turn were faster only where decoding dominates, Q4_K, and by
 // less than they lost on the others: reading a row in short pieces, far apart in time, wastes
 // memory bandwidth.)
