@@ -37,16 +37,22 @@
 //             active rows at a time in 32-bit integers, their coefficients h*d
 //             rounded to bytes on a scale shared by the 16, in slabs of rows
 //             that a batch's tokens take in turn (up to 4 at a time that have
-//             the same active rows, each row quad unpacked once for them). In
+//             the same active rows, each row quad unpacked once for them; a
+//             prompt batch, more than GGML_SPARSE_MAX_SMALL_BATCH tokens, 32
+//             rows at a time). In
 //             float, one token streams each active row through 2048 output
 //             columns whose sums stay in L1, the rows a few ahead prefetched
 //             into L2; several tokens keep
 //             64 columns of up to 6 tokens in registers, each block decoded
 //             once for all of them, and sum every token in the one-token order.
 //             Either way a token's sums are bit-identical alone and in a
-//             batch. Other types: the output columns split in block-aligned
-//             slices, a thread dequantizes its slice of each active row of
+//             batch (in integers: a small one). Other types: the output
+//             columns split in block-aligned slices, a thread dequantizes its slice of each active row of
 //             down_t once and adds it to every token that uses the neuron.
+//   MUL_MAT   hinted GGML_SPARSE_HINT_PLAIN_WEIGHT, Q4_0 (AVX2): x quantized
+//             as ggml's repacked path does (token quads over threads, then a
+//             barrier); the rows split in contiguous ranges of ~128 KB tiles
+//             that a thread interleaves and runs ggml's repacked GEMM on.
 
 #define GGML_COMMON_DECL_CPP
 #include "ggml-common.h"
@@ -1165,6 +1171,10 @@ static void sparse_down_rows(const char * data, size_t nb1, const std::vector<st
 // unsigned bytes, byte 4i + u of a lane of column i from row u: q[2u] columns 0..15 of block
 // c + u, q[2u + 1] 16..31).
 static constexpr int SPARSE_DOWN_GROUP = 16;
+// ... and in a prompt batch (more than GGML_SPARSE_MAX_SMALL_BATCH tokens), where the group's
+// flush into the float sums is the larger cost: 128 tokens at the 7B shape, Q4_0 91-103 ->
+// 67-78 ms, Q8_0 100-103 -> 86-88 (2 threads). One token is no faster with it.
+static constexpr int SPARSE_DOWN_GROUP_BATCH = 32;
 
 // vpermb/vpermt2b indices: byte 4i + u of the result is byte BASE + i + u*STRIDE of the
 // source, column i of row u when the rows' bytes are STRIDE apart
@@ -1331,14 +1341,13 @@ struct sparse_int_q4_K {
 // tokens at most that share a group's quants (sparse_down_rows_int)
 static constexpr int SPARSE_DOWN_SHARE = 4;
 
-// the n active rows (in row order) of nt <= SPARSE_DOWN_SHARE tokens that have the same ones,
+// the n active rows (in row order) of NT <= SPARSE_DOWN_SHARE tokens that have the same ones, G at a time,
 // acts[t] token t's (row, h), into outs[t][j0, j1): each token summed exactly as alone, each
 // row's scales read and each row quad's quants unpacked once for all of them
-template <typename Q, int NT>
+template <typename Q, int NT, int G>
 static void sparse_down_rows_int(const char * data, size_t nb1, const std::pair<int32_t, float> * const * acts,
         size_t n, int64_t j0, int64_t j1, float * const * outs) {
     using B = typename Q::blk;
-    constexpr int G  = SPARSE_DOWN_GROUP;
     constexpr int NQ = 2*Q::step;
     const std::pair<int32_t, float> * act = acts[0];
     const int64_t c0 = j0/32;
@@ -1437,8 +1446,14 @@ static void sparse_down_rows_int(const char * data, size_t nb1, const std::pair<
                         const __m512 sc = _mm512_set1_ps(scale[t][j + u]);
                         const __m512 m  = _mm512_set1_ps(add[t][j + u]);
                         float * ou = o + 32*u;
-                        _mm512_storeu_ps(ou,      _mm512_add_ps(_mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(a[t][2*u]),     _mm512_loadu_ps(ou)),      m));
-                        _mm512_storeu_ps(ou + 16, _mm512_add_ps(_mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(a[t][2*u + 1]), _mm512_loadu_ps(ou + 16)), m));
+                        __m512 s0 = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(a[t][2*u]),     _mm512_loadu_ps(ou));
+                        __m512 s1 = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(a[t][2*u + 1]), _mm512_loadu_ps(ou + 16));
+                        if constexpr (Q::has_min) {
+                            s0 = _mm512_add_ps(s0, m);
+                            s1 = _mm512_add_ps(s1, m);
+                        }
+                        _mm512_storeu_ps(ou,      s0);
+                        _mm512_storeu_ps(ou + 16, s1);
                     }
                 }
             }
@@ -1447,15 +1462,15 @@ static void sparse_down_rows_int(const char * data, size_t nb1, const std::pair<
 }
 
 // sparse_down_rows_int for nt tokens
-template <typename Q>
+template <typename Q, int G>
 static void sparse_down_rows_int(const char * data, size_t nb1, const std::pair<int32_t, float> * const * acts, int nt,
         size_t n, int64_t j0, int64_t j1, float * const * outs) {
     static_assert(SPARSE_DOWN_SHARE == 4, "one instance per token count");
     switch (nt) {
-        case 1:  sparse_down_rows_int<Q, 1>(data, nb1, acts, n, j0, j1, outs); break;
-        case 2:  sparse_down_rows_int<Q, 2>(data, nb1, acts, n, j0, j1, outs); break;
-        case 3:  sparse_down_rows_int<Q, 3>(data, nb1, acts, n, j0, j1, outs); break;
-        default: sparse_down_rows_int<Q, 4>(data, nb1, acts, n, j0, j1, outs); break;
+        case 1:  sparse_down_rows_int<Q, 1, G>(data, nb1, acts, n, j0, j1, outs); break;
+        case 2:  sparse_down_rows_int<Q, 2, G>(data, nb1, acts, n, j0, j1, outs); break;
+        case 3:  sparse_down_rows_int<Q, 3, G>(data, nb1, acts, n, j0, j1, outs); break;
+        default: sparse_down_rows_int<Q, 4, G>(data, nb1, acts, n, j0, j1, outs); break;
     }
 }
 
@@ -1477,39 +1492,49 @@ static void sparse_down_int(const char * data, size_t nb1, const ggml_tensor * h
             }
             const std::pair<int32_t, float> * acts[1] = { act.data() + a };
             float * const                     outs[1] = { out };
-            sparse_down_rows_int<Q>(data, nb1, acts, 1, b - a, j0, j1, outs);
+            sparse_down_rows_int<Q, SPARSE_DOWN_GROUP>(data, nb1, acts, 1, b - a, j0, j1, outs);
             a = b;
         }
         return;
     }
     // each token's active rows of the slab; tokens with the same ones (mode off, dense prompts:
     // all of them) go up to SPARSE_DOWN_SHARE at a time
+    // (the first n_act[t] of slab[t], written without a branch per row)
     thread_local std::vector<std::vector<std::pair<int32_t, float>>> slab;
+    thread_local std::vector<size_t> n_act;
     const int64_t n_tok = h->ne[1];
     slab.resize(n_tok);
+    n_act.resize(n_tok);
     for (int64_t i0 = r0; i0 < r1; i0 += SPARSE_DOWN_SLAB) {
         const int64_t i1 = std::min(r1, i0 + SPARSE_DOWN_SLAB);
         for (int64_t t = 0; t < n_tok; ++t) {
             const float * ht = (const float *) ((const char *) h->data + t*h->nb[1]);
-            slab[t].clear();
+            slab[t].resize(SPARSE_DOWN_SLAB);
+            std::pair<int32_t, float> * a = slab[t].data();
+            size_t k = 0;
             for (int64_t i = i0; i < i1; ++i) {
-                if (ht[i] != 0.0f) {
-                    slab[t].emplace_back((int32_t) i, ht[i]);
-                }
+                a[k] = { (int32_t) i, ht[i] };
+                k += ht[i] != 0.0f;
             }
+            n_act[t] = k;
         }
-        const auto same_rows = [](const std::vector<std::pair<int32_t, float>> & a, const std::vector<std::pair<int32_t, float>> & b) {
-            return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin(), [](const auto & x, const auto & y) { return x.first == y.first; });
+        const auto same_rows = [](int64_t a, int64_t b) {
+            return n_act[a] == n_act[b] && std::equal(slab[a].begin(), slab[a].begin() + n_act[a], slab[b].begin(),
+                                                      [](const auto & x, const auto & y) { return x.first == y.first; });
         };
         for (int64_t t = 0; t < n_tok; ) {
             const std::pair<int32_t, float> * acts[SPARSE_DOWN_SHARE];
             float *                           outs[SPARSE_DOWN_SHARE];
             int nt = 0;
-            for (; nt < SPARSE_DOWN_SHARE && t + nt < n_tok && same_rows(slab[t], slab[t + nt]); ++nt) {
+            for (; nt < SPARSE_DOWN_SHARE && t + nt < n_tok && same_rows(t, t + nt); ++nt) {
                 acts[nt] = slab[t + nt].data();
                 outs[nt] = out + (t + nt)*n_embd;
             }
-            sparse_down_rows_int<Q>(data, nb1, acts, nt, slab[t].size(), j0, j1, outs);
+            if (n_tok > GGML_SPARSE_MAX_SMALL_BATCH) {
+                sparse_down_rows_int<Q, SPARSE_DOWN_GROUP_BATCH>(data, nb1, acts, nt, n_act[t], j0, j1, outs);
+            } else {
+                sparse_down_rows_int<Q, SPARSE_DOWN_GROUP>(data, nb1, acts, nt, n_act[t], j0, j1, outs);
+            }
             t += nt;
         }
     }
@@ -1786,6 +1811,155 @@ static void sparse_down(const ggml_compute_params * params, ggml_tensor * dst) {
         }
     }
 }
+
+//
+// MUL_MAT hinted GGML_SPARSE_HINT_PLAIN_WEIGHT: a large batch's dense product of gate or up,
+// which the sparse ops keep out of repacked buffers. ggml's GEMM for repacked Q4_0 is about
+// twice as fast as its product on the plain layout (tinyBLAS), so each thread interleaves a
+// tile of rows as repacking would (block_q4_0x8) into its slice of wdata, where it stays in
+// cache, and runs that GEMM over every token.
+//
+
+#if defined(__AVX2__)
+#include "repack.h"
+
+static constexpr size_t SPARSE_PLAIN_TILE = 128*1024; // bytes of interleaved rows per tile
+
+// rows per tile: a multiple of 16, the AVX-512 GEMM's width
+static int64_t sparse_plain_tile_rows(int64_t n_embd) {
+    const int64_t row = (int64_t) ggml_row_size(GGML_TYPE_Q4_0, n_embd);
+    return std::max<int64_t>(16, (int64_t) SPARSE_PLAIN_TILE/row/16*16);
+}
+
+static bool sparse_plain_applies(const ggml_tensor * dst) {
+    const ggml_tensor * w = dst->src[0];
+    const ggml_tensor * x = dst->src[1];
+    return ggml_get_op_params_i32(dst, 1) == GGML_SPARSE_HINT_PLAIN_WEIGHT &&
+           w->type == GGML_TYPE_Q4_0 && ggml_is_matrix(w) && w->nb[0] == ggml_type_size(w->type) &&
+           x->type == GGML_TYPE_F32 && ggml_is_matrix(x) && ggml_is_contiguous(x) && x->ne[1] >= 4 &&
+           ggml_is_contiguous(dst);
+}
+
+// offset in wdata of thread ith's slice, after x as Q8_0: a tile, then the outputs of a last
+// group of fewer than 8 rows (ith = n_threads: the work size)
+static size_t sparse_plain_offset(const ggml_tensor * dst, int ith, size_t & tile_size) {
+    const int64_t n_embd = dst->src[0]->ne[0];
+    const int64_t n_tok  = dst->src[1]->ne[1];
+    tile_size = sparse_pad(sparse_plain_tile_rows(n_embd)*ggml_row_size(GGML_TYPE_Q4_0, n_embd));
+    const size_t slice = tile_size + sparse_pad(8*n_tok*sizeof(float));
+    return sparse_pad(ggml_row_size(GGML_TYPE_Q8_0, n_embd)*n_tok) + ith*slice;
+}
+
+// rows [0, n_rows) of w as ggml's block_q4_0x8 (repack.cpp's make_block_q4_0x8 with 8-byte
+// interleave: 8 bytes of each row in turn, every nibble's top bit flipped), n_rows <= 8, the
+// missing rows zero
+static void sparse_interleave_q4_0x8(const char * w, size_t nb1, int64_t n_rows, int64_t nb, block_q4_0x8 * out) {
+    for (int64_t b = 0; b < nb; ++b) {
+        block_q4_0x8 & o = out[b];
+        for (int64_t r = 0; r < 8; ++r) {
+            if (r >= n_rows) {
+                o.d[r] = 0;
+                memset(o.qs + 8*r, 0, 8);
+                memset(o.qs + 64 + 8*r, 0, 8);
+                continue;
+            }
+            const block_q4_0 * src = (const block_q4_0 *) (w + r*nb1) + b;
+            o.d[r] = src->d;
+            for (int k = 0; k < 2; ++k) {
+                uint64_t q;
+                memcpy(&q, src->qs + 8*k, 8);
+                q ^= 0x8888888888888888ULL;
+                memcpy(o.qs + 64*k + 8*r, &q, 8);
+            }
+        }
+    }
+}
+
+bool ggml_sparse_cpu_mul_mat(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
+    if (params->use_ref || !sparse_plain_applies(dst)) {
+        return false;
+    }
+    const ggml_tensor * w = dst->src[0];
+    const ggml_tensor * x = dst->src[1];
+    const int64_t n_embd = w->ne[0];
+    const int64_t n_rows = w->ne[1];
+    const int64_t n_tok  = x->ne[1];
+    const int64_t nb     = n_embd/QK4_0;
+    const int     ith    = params->ith;
+    const int     nth    = params->nth;
+
+    size_t tile_size;
+    if (sparse_plain_offset(dst, nth, tile_size) > params->wsize) {
+        return false; // planned without ggml_sparse_cpu_mul_mat_work_size
+    }
+    char * slice = (char *) params->wdata + sparse_plain_offset(dst, ith, tile_size);
+
+    // x as Q8_0: 4 tokens at a time interleaved for the GEMM, the rest one by one for the GEMV
+    char * xq = (char *) params->wdata;
+    const size_t  xq_nb  = ggml_row_size(GGML_TYPE_Q8_0, n_embd);
+    const int64_t n_quad = 4*(n_tok/4);
+    for (int64_t t = 4*ith; t < n_quad; t += 4*nth) {
+        ggml_quantize_mat_q8_0_4x8((const float *) ((const char *) x->data + t*x->nb[1]), xq + t*xq_nb, n_embd);
+    }
+    const ggml_from_float_t from_float = ggml_get_type_traits_cpu(GGML_TYPE_Q8_0)->from_float;
+    for (int64_t t = n_quad + ith; t < n_tok; t += nth) {
+        from_float((const float *) ((const char *) x->data + t*x->nb[1]), xq + t*xq_nb, n_embd);
+    }
+    ggml_barrier(params->threadpool);
+
+    block_q4_0x8 * tile = (block_q4_0x8 *) slice;
+    float * part = (float *) (slice + tile_size);
+    float * out  = (float *) dst->data;
+
+    const int64_t tile_rows = sparse_plain_tile_rows(n_embd);
+    int64_t g0, g1;
+    sparse_split((n_rows + tile_rows - 1)/tile_rows, ith, nth, g0, g1);
+    for (int64_t r0 = g0*tile_rows; r0 < std::min(n_rows, g1*tile_rows); r0 += tile_rows) {
+        const int64_t nr = std::min(tile_rows, n_rows - r0);
+        for (int64_t r = 0; r < nr; r += 8) {
+            sparse_interleave_q4_0x8((const char *) w->data + (r0 + r)*w->nb[1], w->nb[1], std::min<int64_t>(8, nr - r), nb,
+                                     tile + r/8*nb);
+        }
+        // whole groups of 8 rows straight into dst, a last partial group into part
+        const int64_t nr8 = nr/8*8;
+        for (int pass = 0; pass < 2; ++pass) {
+            const int64_t nc = pass == 0 ? nr8 : (nr > nr8 ? 8 : 0);
+            if (nc == 0) {
+                continue;
+            }
+            const block_q4_0x8 * vx = tile + (pass == 0 ? 0 : nr8/8*nb);
+            float * s  = pass == 0 ? out + r0 : part;
+            const int64_t bs = pass == 0 ? n_rows : 8;
+            if (n_quad > 0) {
+                ggml_gemm_q4_0_8x8_q8_0((int) n_embd, s, bs, vx, xq, (int) n_quad, (int) nc);
+            }
+            for (int64_t t = n_quad; t < n_tok; ++t) {
+                ggml_gemv_q4_0_8x8_q8_0((int) n_embd, s + t*bs, bs, vx, xq + t*xq_nb, 1, (int) nc);
+            }
+        }
+        for (int64_t t = 0; t < n_tok && nr > nr8; ++t) {
+            memcpy(out + t*n_rows + r0 + nr8, part + 8*t, (nr - nr8)*sizeof(float));
+        }
+    }
+    return true;
+}
+
+size_t ggml_sparse_cpu_mul_mat_work_size(const struct ggml_tensor * node, int n_threads) {
+    if (!sparse_plain_applies(node)) {
+        return 0;
+    }
+    size_t tile_size;
+    return sparse_plain_offset(node, n_threads, tile_size);
+}
+#else
+bool ggml_sparse_cpu_mul_mat(const struct ggml_compute_params *, struct ggml_tensor *) {
+    return false;
+}
+
+size_t ggml_sparse_cpu_mul_mat_work_size(const struct ggml_tensor *, int) {
+    return 0;
+}
+#endif
 
 //
 // dispatch

@@ -95,3 +95,12 @@ struct ggml_tensor * ggml_sparse_down(
 
     return result;
 }
+
+struct ggml_tensor * ggml_sparse_mul_mat_plain(
+        struct ggml_context * ctx,
+        struct ggml_tensor  * w,
+        struct ggml_tensor  * x) {
+    struct ggml_tensor * result = ggml_mul_mat(ctx, w, x);
+    ggml_set_op_params_i32(result, 1, GGML_SPARSE_HINT_PLAIN_WEIGHT);
+    return result;
+}

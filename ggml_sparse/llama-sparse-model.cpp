@@ -365,13 +365,14 @@ ggml_tensor * llama_sparse_build_ffn(
 
     // docs/ARCHITECTURE.md, "Runtime": a small batch skips rows in the products (in mode off it
     // skips none, but the skipping product is faster than ggml's on weights that cannot be
-    // repacked); a large one computes gate and up densely and applies the same masks, so every
-    // token gets the same masks either way (and sums rounded by other kernels).
+    // repacked); a large one computes gate and up densely (ggml's mul_mat, hinted that the
+    // weights are not repacked) and applies the same masks, so every token gets the same masks
+    // either way (and sums rounded by other kernels).
     const bool skip = cur->ne[1] <= LLAMA_SPARSE_MAX_SKIP_TOKENS;
 
     // w.x (+ bias): skipping the rows where mask is 0 (small batch), or dense
     auto product = [&](ggml_tensor * w, ggml_tensor * b, ggml_tensor * mask, const char * name, const char * name_b) {
-        ggml_tensor * y = skip ? ggml_sparse_mul_mat(ctx0, w, cur, mask) : ggml_mul_mat(ctx0, w, cur);
+        ggml_tensor * y = skip ? ggml_sparse_mul_mat(ctx0, w, cur, mask) : ggml_sparse_mul_mat_plain(ctx0, w, cur);
         gctx.cb(y, name, il);
         if (b) {
             y = ggml_add(ctx0, y, b);
@@ -381,15 +382,7 @@ ggml_tensor * llama_sparse_build_ffn(
     };
 
     ggml_tensor * h;
-    if (inp->mode == LLAMA_SPARSE_MODE_OFF && !skip) {
-        // h = act(gate.x) * (up.x), exactly as upstream computes it: build_ffn without a down projection
-        h = gctx.build_ffn(cur,
-                layer.ffn_up,   layer.ffn_up_b,   layer.ffn_up_s,
-                layer.ffn_gate, layer.ffn_gate_b, layer.ffn_gate_s,
-                NULL,           NULL,             NULL,
-                NULL,
-                type_op, type_gate, il);
-    } else if (inp->mode == LLAMA_SPARSE_MODE_OFF) {
+    if (inp->mode == LLAMA_SPARSE_MODE_OFF) {
         ggml_tensor * g = product(layer.ffn_gate, layer.ffn_gate_b, nullptr, "ffn_gate", "ffn_gate_b");
         ggml_tensor * u = product(layer.ffn_up,   layer.ffn_up_b,   nullptr, "ffn_up",   "ffn_up_b");
         h = ggml_mul(ctx0, llama_sparse_act(ctx0, g, type_op), u);

@@ -8,6 +8,7 @@
 // llama-context.cpp and src/models/<arch>.cpp).
 
 #include "llama-graph.h"
+#include "ggml-sparse.h"
 #include "llama-sparse.h"
 
 #include <map>
@@ -23,8 +24,9 @@ struct llama_model_base;
 #define LLAMA_SPARSE_FORMAT_VERSION 1
 
 // ubatches of at most this many tokens use the skipping kernels; larger ones
-// compute gate and up densely and apply the same masks
-#define LLAMA_SPARSE_MAX_SKIP_TOKENS 8
+// compute gate and up densely and apply the same masks (and the down projection
+// rounds them differently)
+#define LLAMA_SPARSE_MAX_SKIP_TOKENS GGML_SPARSE_MAX_SMALL_BATCH
 
 // one mode's threshold table: [n_level * n_layer], level-major
 struct llama_sparse_table {

@@ -248,6 +248,39 @@ struct test_sparse_ffn : public test_case {
     }
 };
 
+// ggml_sparse_mul_mat_plain: a large batch's dense gate or up, the hinted MUL_MAT against
+// ggml's own (the reference)
+struct test_sparse_mul_mat_plain : public test_case {
+    const ggml_type type;
+    const int64_t   n_embd;
+    const int64_t   n_ff;
+    const int64_t   n_tok;
+
+    std::string op_desc(ggml_tensor * t) override {
+        GGML_UNUSED(t);
+        return "SPARSE_MUL_MAT_PLAIN";
+    }
+
+    std::string vars() override {
+        return VARS_TO_STR4(type, n_embd, n_ff, n_tok);
+    }
+
+    double max_nmse_err() override {
+        return 5e-4;
+    }
+
+    test_sparse_mul_mat_plain(ggml_type type, int64_t n_embd, int64_t n_ff, int64_t n_tok)
+        : type(type), n_embd(n_embd), n_ff(n_ff), n_tok(n_tok) {}
+
+    ggml_tensor * build_graph(ggml_context * ctx) override {
+        ggml_tensor * w = ggml_new_tensor_2d(ctx, type, n_embd, n_ff);
+        ggml_tensor * x = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_embd, n_tok);
+        ggml_tensor * out = ggml_sparse_mul_mat_plain(ctx, w, x);
+        ggml_set_name(out, "out");
+        return out;
+    }
+};
+
 // every sparse op x every weight type GGUF models ship with x shapes (a
 // small one, one whose sizes are multiples of no tile, a 7B FFN) x sparsity
 static void make_test_cases_sparse(std::vector<std::unique_ptr<test_case>> & test_cases) {
@@ -298,6 +331,13 @@ static void make_test_cases_sparse(std::vector<std::unique_ptr<test_case>> & tes
     for (int64_t n_embd : { 576, 583, 640 }) {
         test_cases.emplace_back(new test_sparse_op(GGML_OP_SPARSE_PREDICT, GGML_TYPE_F32, n_embd, 300, 2, 0.5f));
     }
+    // the hinted dense product: token quads and a tail, tiles and a last group of fewer than 8
+    // rows (Q4_0 at 512 wide: 448-row tiles), a 7B gate; Q4_K is left to ggml
+    for (auto [n_embd, n_ff, n_tok] : { shape{256, 1000, 4}, {256, 1000, 9}, {512, 1377, 33}, {576, 301, 6},
+                                        {4096, 11008, 20} }) {
+        test_cases.emplace_back(new test_sparse_mul_mat_plain(GGML_TYPE_Q4_0, n_embd, n_ff, n_tok));
+    }
+    test_cases.emplace_back(new test_sparse_mul_mat_plain(GGML_TYPE_Q4_K, 512, 1377, 33));
     // F32 only: with x rounded to the weight's dot-product type (F16, Q8_*) a score within
     // rounding of a threshold lands on the other side now and then, and the chains diverge
     test_cases.emplace_back(new test_sparse_ffn(GGML_TYPE_F32, 256, 1000, 1));
@@ -315,5 +355,12 @@ static void make_test_cases_sparse_perf(std::vector<std::unique_ptr<test_case>> 
                 test_cases.emplace_back(new test_sparse_op(GGML_OP_SPARSE_DOWN,    type, n_embd, n_ff, 1, sp));
             }
         }
+    }
+    // a prompt batch of 128 tokens at the 7B shape, dense (mode off): ggml's mul_mat on the plain
+    // layout, the hinted one, and the axpy
+    for (ggml_type type : { GGML_TYPE_Q4_0, GGML_TYPE_Q4_K, GGML_TYPE_Q8_0 }) {
+        test_cases.emplace_back(new test_mul_mat(type, GGML_TYPE_F32, 11008, 128, 4096, {1, 1}, {1, 1}));
+        test_cases.emplace_back(new test_sparse_mul_mat_plain(type, 4096, 11008, 128));
+        test_cases.emplace_back(new test_sparse_op(GGML_OP_SPARSE_DOWN, type, 4096, 11008, 128, 0.0f));
     }
 }

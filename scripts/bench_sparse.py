@@ -9,7 +9,8 @@ Three tables, all measured in the same run, same build, same threads:
 * kernels: test-backend-ops perf of the skip-row product and the sparse axpy
   over ffn_down_t against ggml's dense mat-vec of the same weight, at 7B and
   70B FFN shapes and sparsity 0.5, 0.7, 0.9 (random masks, the worst case for
-  the cache), with the ideal speedup 1/(1-s);
+  the cache), with the ideal speedup 1/(1-s); and the dense products of a
+  128-token prompt batch (mode off prefill) beside ggml's mul_mat;
 * end to end: llama-bench decode (tg) and prefill (pp) tokens/s of the dense
   GGUF, the sparse GGUF in mode off, and modes threshold and predict at every
   level the mode reaches, for the real models and synthetic GGUFs with
@@ -89,6 +90,22 @@ def kernel_table(types: list[str]) -> str:
                         f"| {base / us:.2f} | {ideal:.2f} | {base / us / ideal:.0%} |"
                     )
             print(f"kernels {label} {t} done", file=sys.stderr)
+    return "\n".join(lines)
+
+
+def prefill_kernel_table(types: list[str]) -> str:
+    """A prompt batch of 128 tokens at the 7B shape, every row: the dense products mode off
+    computes for a sparse layer, beside ggml's mul_mat on the same (plain) layout."""
+    lines = [
+        "| type | ggml mul_mat us | gate/up (hinted mul_mat) us | down_t (axpy) us |",
+        "|---|---:|---:|---:|",
+    ]
+    for t in types:
+        dense = perf("MUL_MAT", f"type_a={t},type_b=f32,m=11008,n=128,k=4096,")
+        plain = perf("SPARSE_MUL_MAT_PLAIN", f"type={t},n_embd=4096,n_ff=11008,n_tok=128")
+        down = perf("SPARSE_DOWN", f"type={t},n_embd=4096,n_ff=11008,n_tok=128,")
+        (d,), (g,), (a,) = dense.values(), plain.values(), down.values()
+        lines.append(f"| {t} | {d:.0f} | {g:.0f} | {a:.0f} |")
     return "\n".join(lines)
 
 
@@ -380,6 +397,15 @@ def main() -> int:
             "the active rows come from cache; the 70B shapes show the case where they "
             f"cannot:\n\n{ktab}"
         )
+        ptab = prefill_kernel_table(["q4_0", "q4_K", "q8_0"])
+        print(f"\nprefill kernels\n{ptab}")
+        parts.append(
+            f"Prefill kernels, {threads} thread(s): a batch of 128 tokens through a 7B FFN matrix, "
+            "every row, as mode `off` computes a prompt. Gate and up go through ggml's `mul_mat` "
+            "hinted that the weight is not repacked (`ggml_sparse_mul_mat_plain`: Q4_0 through "
+            "ggml's repacked GEMM on tiles interleaved on the fly; other types are ggml's own), "
+            f"down through the axpy over `ffn_down_t`:\n\n{ptab}"
+        )
     if not args.no_doc:
         cmd = " ".join(["python scripts/bench_sparse.py", *sys.argv[1:]])
         head = (
@@ -395,4 +421,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except quality.QualityError as e:  # e.g. an --eval-chars too short for --ctx
+        sys.exit(f"bench_sparse: {e}")

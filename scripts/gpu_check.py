@@ -38,7 +38,14 @@ from llama_sparse import models
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build" / "gpu"
-OPS = ["SPARSE_PREDICT", "SPARSE_MUL_MAT", "SPARSE_MASK", "SPARSE_DOWN", "SPARSE_FFN"]
+OPS = [
+    "SPARSE_PREDICT",
+    "SPARSE_MUL_MAT",
+    "SPARSE_MASK",
+    "SPARSE_DOWN",
+    "SPARSE_FFN",
+    "SPARSE_MUL_MAT_PLAIN",
+]
 SETTINGS = [("dense", None), ("sparse, off", 0.0), ("threshold 0.3", 0.3), ("threshold 0.5", 0.5)]
 
 

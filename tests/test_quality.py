@@ -59,3 +59,13 @@ def test_damaged_model_is_measured_worse(smollm2: Path, text: Path, tmp_path: Pa
 def test_failure_is_reported(tmp_path: Path, text: Path) -> None:
     with pytest.raises(quality.QualityError, match="failed"):
         quality.perplexity(tmp_path / "missing.gguf", text)
+
+
+def test_short_text_is_reported(smollm2: Path, tmp_path: Path) -> None:
+    """llama-perplexity exits 0 on a text shorter than two contexts; we must not."""
+    short = tmp_path / "short.txt"
+    short.write_bytes(TEXT.read_bytes()[:1500])
+    with pytest.raises(quality.QualityError, match=r"short .* context of 256 needs at least 512"):
+        quality.perplexity(smollm2, short, ctx=256)
+    with pytest.raises(quality.QualityError, match="too short"):
+        quality.compare(smollm2, [smollm2], short, ctx=256)

@@ -21,11 +21,20 @@ PROMPT = "The history of the printing press begins in the fifteenth century, whe
 
 
 @pytest.mark.parametrize(
-    "op", ["SPARSE_PREDICT", "SPARSE_MUL_MAT", "SPARSE_MASK", "SPARSE_DOWN", "SPARSE_FFN"]
+    "op",
+    [
+        "SPARSE_PREDICT",
+        "SPARSE_MUL_MAT",
+        "SPARSE_MASK",
+        "SPARSE_DOWN",
+        "SPARSE_FFN",
+        "SPARSE_MUL_MAT_PLAIN",
+    ],
 )
 def test_backend_ops_match_reference(op: str) -> None:
     """test-backend-ops: the fast CPU kernels against the dense-then-masked
-    reference, every weight type, sparsity 0 to 1, up to a 7B FFN shape."""
+    reference, every weight type, sparsity 0 to 1, up to a 7B FFN shape (and the
+    hinted dense mul_mat of a prompt batch against ggml's own)."""
     proc = subprocess.run(
         [str(bin_dir() / "test-backend-ops"), "test", "-b", "CPU", "-o", op],
         capture_output=True,

@@ -9,6 +9,9 @@
 //   GGML_OP_SPARSE_MASK     mask points 2 and 3: zero what a weight-aware score rates negligible
 //   GGML_OP_SPARSE_DOWN     sparse axpy over the rows of ffn_down_t
 //
+// and a hint on ggml's MUL_MAT for the dense products of the same weights
+// (ggml_sparse_mul_mat_plain).
+//
 // A neuron is skipped by the later ops when its value is 0: a mask is the
 // zero pattern of the F32 tensor flowing through the FFN, so no op needs a
 // separate boolean input. Thresholds live in a small F32 `params` tensor
@@ -31,6 +34,10 @@
 #ifdef __cplusplus
 extern "C" {
 #endif
+
+// SPARSE_DOWN sums each token of a batch of at most this many tokens exactly as it sums the
+// token alone; a larger batch (a prompt) is rounded differently, in larger groups of rows
+#define GGML_SPARSE_MAX_SMALL_BATCH 8
 
 // number of floats in the params tensor the ops read
 #define GGML_SPARSE_N_PARAMS 4
@@ -83,6 +90,19 @@ GGML_API struct ggml_tensor * ggml_sparse_down(
         struct ggml_context * ctx,
         struct ggml_tensor  * down_t,
         struct ggml_tensor  * h);
+
+// w [n_embd, n_ff], x [n_embd, n_tokens] F32 -> F32 [n_ff, n_tokens]: ggml_mul_mat(w, x), the
+// same op on every backend, with a hint (op_params[1], as ggml_mul_mat_set_hint) that w lives
+// in a plain buffer because the sparse ops read it row by row. The CPU then computes a large
+// batch with ggml's GEMM kernels for repacked weights, interleaving w on the fly in tiles that
+// stay in cache (Q4_0 on AVX2 / AVX-512), and everything else as ggml_mul_mat.
+GGML_API struct ggml_tensor * ggml_sparse_mul_mat_plain(
+        struct ggml_context * ctx,
+        struct ggml_tensor  * w,
+        struct ggml_tensor  * x);
+
+// the hint's value: far from upstream's small enum ggml_op_hint
+#define GGML_SPARSE_HINT_PLAIN_WEIGHT 0x53504c57
 
 #ifdef __cplusplus
 }

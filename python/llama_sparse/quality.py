@@ -53,6 +53,16 @@ def _run(args: list[str]) -> str:
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:
         raise QualityError(f"llama-perplexity {' '.join(args)} failed:\n{out[-3000:]}")
+    # a text shorter than two contexts: llama-perplexity says so, computes nothing and exits 0
+    short = re.search(r"need at least (\d+) tokens to evaluate perplexity with a context of (\d+)",
+                      out)  # fmt: skip
+    if short:
+        have = re.search(r"tokenizes to only (\d+) tokens", out)
+        raise QualityError(
+            f"the text is too short for llama-perplexity: {have.group(1) if have else 'too few'} "
+            f"tokens, where a context of {short.group(2)} needs at least {short.group(1)}; "
+            "give a longer text or a smaller context"
+        )
     return out
 
 
