@@ -1304,22 +1304,32 @@ struct sparse_int_q4_K {
     static constexpr bool has_min = true;
     static constexpr int  step    = 2;
     static void scales(const char * row, int64_t c, int n, __m512 & d, __m512 & m) {
-        // per super-block (n: whole ones, columns split in 256s) its 8 scales and 8 mins, in
+        // the two super-blocks (n: whole ones, columns split in 256s) side by side in 256 bits, in
         // registers: through memory, the loads after the stores stalled (perf: 10 % of the axpy)
-        __m128i v[2]  = { _mm_setzero_si128(), _mm_setzero_si128() };
-        float   sd[2] = { 0.0f, 0.0f };
-        float   sm[2] = { 0.0f, 0.0f };
-        for (int s = 0; s < n/8; ++s) {
-            const block_q4_K * b  = (const block_q4_K *) row + c/8 + s;
-            const ggml_half  * dd = (const ggml_half *) b; // d, then dmin
-            v[s]  = sparse_scales_mins_k4(b->scales);
-            sd[s] = GGML_CPU_FP16_TO_FP32(dd[0]);
-            sm[s] = -GGML_CPU_FP16_TO_FP32(dd[1]);
+        const block_q4_K * b = (const block_q4_K *) row + c/8;
+        const bool two = n > 8;
+        __m256i u = _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *) b[0].scales));
+        uint32_t dd1 = 0; // d and dmin of the second super-block, 0 if there is none
+        if (two) {
+            u = _mm256_inserti128_si256(u, _mm_loadu_si128((const __m128i *) b[1].scales), 1);
+            memcpy(&dd1, &b[1], sizeof(dd1));
         }
-        const __m512 vd = _mm512_insertf32x8(_mm512_set1_ps(sd[0]), _mm256_set1_ps(sd[1]), 1);
-        const __m512 vm = _mm512_insertf32x8(_mm512_set1_ps(sm[0]), _mm256_set1_ps(sm[1]), 1);
-        d = _mm512_mul_ps(vd, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi64(v[0], v[1]))));
-        m = _mm512_mul_ps(vm, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi64(v[0], v[1]))));
+        uint32_t dd0;
+        memcpy(&dd0, &b[0], sizeof(dd0));
+        // per 128-bit lane as sparse_scales_mins_k4: bytes 0..7 the scales, 8..15 the mins
+        const __m256i lo = _mm256_and_si256(u, _mm256_set1_epi8(0x3F));
+        const __m256i u2 = _mm256_srlv_epi32(_mm256_shuffle_epi32(u, _MM_SHUFFLE(2, 2, 2, 2)), _mm256_setr_epi32(0, 4, 0, 0, 0, 4, 0, 0));
+        const __m256i hi = _mm256_or_si256(_mm256_and_si256(u2, _mm256_set1_epi8(0x0F)),
+                                           _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 6), _mm256_set1_epi8(0x03)), 4));
+        // qwords: both scales, then both mins
+        const __m256i sm = _mm256_permute4x64_epi64(_mm256_unpacklo_epi32(lo, hi), _MM_SHUFFLE(3, 1, 2, 0));
+        // d0, dmin0, d1, dmin1 as floats, each over its super-block's 8 lanes
+        const __m512 f  = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_setr_epi32((int) dd0, (int) dd1, 0, 0)));
+        const __m512 vd = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2), f);
+        const __m512 vm = _mm512_permutexvar_ps(_mm512_setr_epi32(1, 1, 1, 1, 1, 1, 1, 1, 3, 3, 3, 3, 3, 3, 3, 3), f);
+        const __m512 nm = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(vm), _mm512_set1_epi32(INT32_MIN))); // -dmin
+        d = _mm512_mul_ps(vd, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(sm))));
+        m = _mm512_mul_ps(nm, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(sm, 1))));
     }
     // sub-blocks c and c + 1 (c even): the low and the high nibbles of the 32 bytes at qs + 16*(c%8)
     static void quants(const char * const * r, int64_t c, __m512i * q) {
