@@ -47,8 +47,9 @@
 //             once for all of them, and sum every token in the one-token order.
 //             Either way a token's sums are bit-identical alone and in a
 //             batch (in integers: a small one). Other types: the output
-//             columns split in block-aligned slices, a thread dequantizes its slice of each active row of
-//             down_t once and adds it to every token that uses the neuron.
+//             columns split in block-aligned slices, a thread dequantizes
+//             its slice of each active row of down_t once and adds it to
+//             every token that uses the neuron.
 //   MUL_MAT   hinted GGML_SPARSE_HINT_PLAIN_WEIGHT, Q4_0 (AVX2): x quantized
 //             as ggml's repacked path does (token quads over threads, then a
 //             barrier); the rows split in contiguous ranges of ~128 KB tiles
@@ -1171,9 +1172,9 @@ static void sparse_down_rows(const char * data, size_t nb1, const std::vector<st
 // unsigned bytes, byte 4i + u of a lane of column i from row u: q[2u] columns 0..15 of block
 // c + u, q[2u + 1] 16..31).
 static constexpr int SPARSE_DOWN_GROUP = 16;
-// ... and in a prompt batch (more than GGML_SPARSE_MAX_SMALL_BATCH tokens), where the group's
-// flush into the float sums is the larger cost: 128 tokens at the 7B shape, Q4_0 91-103 ->
-// 67-78 ms, Q8_0 100-103 -> 86-88 (2 threads). One token is no faster with it.
+// ... and in a prompt batch (more than GGML_SPARSE_MAX_SMALL_BATCH tokens), where flushing a
+// group into the float sums costs the most (docs/ARCHITECTURE.md: 128 tokens at the 7B shape,
+// Q4_0 89-103 -> 55-68 ms); one token is no faster with it.
 static constexpr int SPARSE_DOWN_GROUP_BATCH = 32;
 
 // vpermb/vpermt2b indices: byte 4i + u of the result is byte BASE + i + u*STRIDE of the
@@ -1351,7 +1352,8 @@ struct sparse_int_q4_K {
 // tokens at most that share a group's quants (sparse_down_rows_int)
 static constexpr int SPARSE_DOWN_SHARE = 4;
 
-// the n active rows (in row order) of NT <= SPARSE_DOWN_SHARE tokens that have the same ones, G at a time,
+// the n active rows (in row order) of NT <= SPARSE_DOWN_SHARE tokens that have the same ones,
+// G at a time,
 // acts[t] token t's (row, h), into outs[t][j0, j1): each token summed exactly as alone, each
 // row's scales read and each row quad's quants unpacked once for all of them
 template <typename Q, int NT, int G>
@@ -1850,13 +1852,16 @@ static bool sparse_plain_applies(const ggml_tensor * dst) {
            ggml_is_contiguous(dst);
 }
 
+static size_t sparse_plain_tile_size(int64_t n_embd) {
+    return sparse_pad(sparse_plain_tile_rows(n_embd)*ggml_row_size(GGML_TYPE_Q4_0, n_embd));
+}
+
 // offset in wdata of thread ith's slice, after x as Q8_0: a tile, then the outputs of a last
 // group of fewer than 8 rows (ith = n_threads: the work size)
-static size_t sparse_plain_offset(const ggml_tensor * dst, int ith, size_t & tile_size) {
+static size_t sparse_plain_offset(const ggml_tensor * dst, int ith) {
     const int64_t n_embd = dst->src[0]->ne[0];
     const int64_t n_tok  = dst->src[1]->ne[1];
-    tile_size = sparse_pad(sparse_plain_tile_rows(n_embd)*ggml_row_size(GGML_TYPE_Q4_0, n_embd));
-    const size_t slice = tile_size + sparse_pad(8*n_tok*sizeof(float));
+    const size_t  slice  = sparse_plain_tile_size(n_embd) + sparse_pad(8*n_tok*sizeof(float));
     return sparse_pad(ggml_row_size(GGML_TYPE_Q8_0, n_embd)*n_tok) + ith*slice;
 }
 
@@ -1885,9 +1890,24 @@ static void sparse_interleave_q4_0x8(const char * w, size_t nb1, int64_t n_rows,
     }
 }
 
+// nc interleaved rows (vx) times every token of xq into s (token t at s + t*bs): GEMM over the
+// token quads, GEMV over the rest
+static void sparse_plain_gemm(int64_t n_embd, float * s, int64_t bs, const block_q4_0x8 * vx, const char * xq,
+        size_t xq_nb, int64_t n_quad, int64_t n_tok, int64_t nc) {
+    if (n_quad > 0) {
+        ggml_gemm_q4_0_8x8_q8_0((int) n_embd, s, bs, vx, xq, (int) n_quad, (int) nc);
+    }
+    for (int64_t t = n_quad; t < n_tok; ++t) {
+        ggml_gemv_q4_0_8x8_q8_0((int) n_embd, s + t*bs, bs, vx, xq + t*xq_nb, 1, (int) nc);
+    }
+}
+
 bool ggml_sparse_cpu_mul_mat(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
     if (params->use_ref || !sparse_plain_applies(dst)) {
         return false;
+    }
+    if (sparse_plain_offset(dst, params->nth) > params->wsize) {
+        return false; // planned without ggml_sparse_cpu_mul_mat_work_size
     }
     const ggml_tensor * w = dst->src[0];
     const ggml_tensor * x = dst->src[1];
@@ -1897,12 +1917,6 @@ bool ggml_sparse_cpu_mul_mat(const struct ggml_compute_params * params, struct g
     const int64_t nb     = n_embd/QK4_0;
     const int     ith    = params->ith;
     const int     nth    = params->nth;
-
-    size_t tile_size;
-    if (sparse_plain_offset(dst, nth, tile_size) > params->wsize) {
-        return false; // planned without ggml_sparse_cpu_mul_mat_work_size
-    }
-    char * slice = (char *) params->wdata + sparse_plain_offset(dst, ith, tile_size);
 
     // x as Q8_0: 4 tokens at a time interleaved for the GEMM, the rest one by one for the GEMV
     char * xq = (char *) params->wdata;
@@ -1917,8 +1931,9 @@ bool ggml_sparse_cpu_mul_mat(const struct ggml_compute_params * params, struct g
     }
     ggml_barrier(params->threadpool);
 
+    char * slice = (char *) params->wdata + sparse_plain_offset(dst, ith);
     block_q4_0x8 * tile = (block_q4_0x8 *) slice;
-    float * part = (float *) (slice + tile_size);
+    float * part = (float *) (slice + sparse_plain_tile_size(n_embd));
     float * out  = (float *) dst->data;
 
     const int64_t tile_rows = sparse_plain_tile_rows(n_embd);
@@ -1930,25 +1945,16 @@ bool ggml_sparse_cpu_mul_mat(const struct ggml_compute_params * params, struct g
             sparse_interleave_q4_0x8((const char *) w->data + (r0 + r)*w->nb[1], w->nb[1], std::min<int64_t>(8, nr - r), nb,
                                      tile + r/8*nb);
         }
-        // whole groups of 8 rows straight into dst, a last partial group into part
+        // whole groups of 8 rows straight into dst; a last partial one into part, its rows copied
         const int64_t nr8 = nr/8*8;
-        for (int pass = 0; pass < 2; ++pass) {
-            const int64_t nc = pass == 0 ? nr8 : (nr > nr8 ? 8 : 0);
-            if (nc == 0) {
-                continue;
-            }
-            const block_q4_0x8 * vx = tile + (pass == 0 ? 0 : nr8/8*nb);
-            float * s  = pass == 0 ? out + r0 : part;
-            const int64_t bs = pass == 0 ? n_rows : 8;
-            if (n_quad > 0) {
-                ggml_gemm_q4_0_8x8_q8_0((int) n_embd, s, bs, vx, xq, (int) n_quad, (int) nc);
-            }
-            for (int64_t t = n_quad; t < n_tok; ++t) {
-                ggml_gemv_q4_0_8x8_q8_0((int) n_embd, s + t*bs, bs, vx, xq + t*xq_nb, 1, (int) nc);
-            }
+        if (nr8 > 0) {
+            sparse_plain_gemm(n_embd, out + r0, n_rows, tile, xq, xq_nb, n_quad, n_tok, nr8);
         }
-        for (int64_t t = 0; t < n_tok && nr > nr8; ++t) {
-            memcpy(out + t*n_rows + r0 + nr8, part + 8*t, (nr - nr8)*sizeof(float));
+        if (nr > nr8) {
+            sparse_plain_gemm(n_embd, part, 8, tile + nr8/8*nb, xq, xq_nb, n_quad, n_tok, 8);
+            for (int64_t t = 0; t < n_tok; ++t) {
+                memcpy(out + t*n_rows + r0 + nr8, part + 8*t, (nr - nr8)*sizeof(float));
+            }
         }
     }
     return true;
@@ -1958,8 +1964,7 @@ size_t ggml_sparse_cpu_mul_mat_work_size(const struct ggml_tensor * node, int n_
     if (!sparse_plain_applies(node)) {
         return 0;
     }
-    size_t tile_size;
-    return sparse_plain_offset(node, n_threads, tile_size);
+    return sparse_plain_offset(node, n_threads);
 }
 #else
 bool ggml_sparse_cpu_mul_mat(const struct ggml_compute_params *, struct ggml_tensor *) {
