@@ -173,10 +173,10 @@ struct test_sparse_op : public test_case {
     }
 };
 
-// a whole sparse FFN (predict, gate, mask after gate, up, mask after up, down),
-// compared node by node: the ops fed by each other's outputs. With several
-// tokens each has its own params (sequences at different levels in one batch).
-struct test_sparse_ffn : public test_case {
+// a case named `name` over one weight type and FFN shape, x rounded to the weight's
+// dot-product type
+struct test_sparse_shape : public test_case {
+    const char *    name;
     const ggml_type type;
     const int64_t   n_embd;
     const int64_t   n_ff;
@@ -184,7 +184,7 @@ struct test_sparse_ffn : public test_case {
 
     std::string op_desc(ggml_tensor * t) override {
         GGML_UNUSED(t);
-        return "SPARSE_FFN";
+        return name;
     }
 
     std::string vars() override {
@@ -195,8 +195,16 @@ struct test_sparse_ffn : public test_case {
         return 5e-4;
     }
 
+    test_sparse_shape(const char * name, ggml_type type, int64_t n_embd, int64_t n_ff, int64_t n_tok)
+        : name(name), type(type), n_embd(n_embd), n_ff(n_ff), n_tok(n_tok) {}
+};
+
+// a whole sparse FFN (predict, gate, mask after gate, up, mask after up, down),
+// compared node by node: the ops fed by each other's outputs. With several
+// tokens each has its own params (sequences at different levels in one batch).
+struct test_sparse_ffn : public test_sparse_shape {
     test_sparse_ffn(ggml_type type, int64_t n_embd, int64_t n_ff, int64_t n_tok)
-        : type(type), n_embd(n_embd), n_ff(n_ff), n_tok(n_tok) {}
+        : test_sparse_shape("SPARSE_FFN", type, n_embd, n_ff, n_tok) {}
 
     ggml_tensor * build_graph(ggml_context * ctx) override {
         ggml_tensor * gate   = ggml_new_tensor_2d(ctx, type, n_embd, n_ff);
@@ -250,27 +258,9 @@ struct test_sparse_ffn : public test_case {
 
 // ggml_sparse_mul_mat_plain: a large batch's dense gate or up, the hinted MUL_MAT against
 // ggml's own (the reference)
-struct test_sparse_mul_mat_plain : public test_case {
-    const ggml_type type;
-    const int64_t   n_embd;
-    const int64_t   n_ff;
-    const int64_t   n_tok;
-
-    std::string op_desc(ggml_tensor * t) override {
-        GGML_UNUSED(t);
-        return "SPARSE_MUL_MAT_PLAIN";
-    }
-
-    std::string vars() override {
-        return VARS_TO_STR4(type, n_embd, n_ff, n_tok);
-    }
-
-    double max_nmse_err() override {
-        return 5e-4;
-    }
-
+struct test_sparse_mul_mat_plain : public test_sparse_shape {
     test_sparse_mul_mat_plain(ggml_type type, int64_t n_embd, int64_t n_ff, int64_t n_tok)
-        : type(type), n_embd(n_embd), n_ff(n_ff), n_tok(n_tok) {}
+        : test_sparse_shape("SPARSE_MUL_MAT_PLAIN", type, n_embd, n_ff, n_tok) {}
 
     ggml_tensor * build_graph(ggml_context * ctx) override {
         ggml_tensor * w = ggml_new_tensor_2d(ctx, type, n_embd, n_ff);
