@@ -1,7 +1,7 @@
 #pragma once
 
-// llama-sparse: CPU kernels of the sparse FFN ops (include/ggml-sparse.h),
-// and the hinted MUL_MAT, called from ggml-cpu.c's dispatcher (vendor/patches/0003-sparse-ggml-ops.patch).
+// llama-sparse: CPU kernels of the sparse FFN ops (include/ggml-sparse.h) and of
+// the hinted MUL_MAT, called from ggml-cpu.c (vendor/patches/0003-sparse-ggml-ops.patch).
 
 #include "ggml-cpu-impl.h"
 
