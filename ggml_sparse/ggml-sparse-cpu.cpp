@@ -1172,8 +1172,8 @@ static void sparse_down_rows(const char * data, size_t nb1, const std::vector<st
 // unsigned bytes, byte 4i + u of a lane of column i from row u: q[2u] columns 0..15 of block
 // c + u, q[2u + 1] 16..31).
 static constexpr int SPARSE_DOWN_GROUP = 16;
-// ... and in a prompt batch (more than GGML_SPARSE_MAX_SMALL_BATCH tokens), where flushing a
-// group into the float sums costs the most (docs/ARCHITECTURE.md: 128 tokens at the 7B shape,
+// ... and in a prompt batch (more than GGML_SPARSE_MAX_SMALL_BATCH tokens), which then flushes
+// a group into the float sums half as often (docs/ARCHITECTURE.md: 128 tokens at the 7B shape,
 // Q4_0 89-103 -> 55-68 ms); one token is no faster with it.
 static constexpr int SPARSE_DOWN_GROUP_BATCH = 32;
 
@@ -1826,8 +1826,9 @@ static void sparse_down(const ggml_compute_params * params, ggml_tensor * dst) {
 
 //
 // MUL_MAT hinted GGML_SPARSE_HINT_PLAIN_WEIGHT: a large batch's dense product of gate or up,
-// which the sparse ops keep out of repacked buffers. ggml's GEMM for repacked Q4_0 is about
-// twice as fast as its product on the plain layout (tinyBLAS), so each thread interleaves a
+// which the sparse ops keep out of repacked buffers. ggml's GEMM for repacked Q4_0 is faster
+// than its product on the plain layout (tinyBLAS; 7B gate, 128 tokens: 51 against 86 ms, in
+// docs/ARCHITECTURE.md), so each thread interleaves a
 // tile of rows as repacking would (block_q4_0x8) into its slice of wdata, where it stays in
 // cache, and runs that GEMM over every token.
 //
