@@ -19,6 +19,8 @@ Three tables, all measured in the same run, same build, same threads:
   context measured on the evaluation text and the ideal decode speedup for it:
   the weight bytes a dense token reads over those the sparse file's token
   reads, its skipped FFN rows removed (a wider ffn_down_t counts against it);
+  each sparse run comes between two dense runs, and its speedup is its ratio
+  to their mean;
 * quality (real models): perplexity, mean KL divergence and top-1 agreement
   against the dense model on the evaluation text (disjoint from calibration).
 
@@ -118,6 +120,8 @@ class Setting:
     level: float
     pp: float = 0.0
     tg: float = 0.0
+    pp_ratio: float = 1.0  # against the dense runs on either side, median over the rounds
+    tg_ratio: float = 1.0
     achieved: float | None = None
     ideal: float | None = None
     quality: quality.Quality | None = None
@@ -160,16 +164,32 @@ def llama_bench(model: Path, s: Setting, args: argparse.Namespace) -> tuple[floa
 
 
 def measure_speeds(m: ModelRun, args: argparse.Namespace) -> None:
-    """Median tokens/s of each setting over args.reps rounds, each round running every setting
-    once in turn, so that a slow spell of a shared machine costs every setting alike."""
-    samples: list[list[tuple[float, float]]] = [[] for _ in m.settings]
+    """Tokens/s of each setting, and its ratio to the dense model, over args.reps rounds.
+
+    A round runs dense, the first sparse setting, dense, the second, ..., dense: each setting's
+    ratio is taken against the mean of the two dense runs beside it, so that this shared
+    machine's drift (10-50 % over minutes) cancels instead of landing on whichever settings a
+    slow spell hits. Reported: the median ratio and the median tokens/s over the rounds."""
+    dense, *sparse = m.settings
+    runs: list[list[tuple[float, float]]] = [[] for _ in m.settings]
+    ratios: list[list[tuple[float, float]]] = [[] for _ in sparse]
     for r in range(args.reps):
-        for s, got in zip(m.settings, samples, strict=True):
-            got.append(llama_bench(m.dense if s.mode == "dense" else m.sparse, s, args))
+        before = llama_bench(m.dense, dense, args)
+        runs[0].append(before)
+        for s, got, ratio in zip(sparse, runs[1:], ratios, strict=True):
+            pp, tg = llama_bench(m.sparse, s, args)
+            after = llama_bench(m.dense, dense, args)
+            got.append((pp, tg))
+            runs[0].append(after)
+            ratio.append((2 * pp / (before[0] + after[0]), 2 * tg / (before[1] + after[1])))
+            before = after
         print(f"{m.name}: speed round {r + 1}/{args.reps} done", file=sys.stderr)
-    for s, got in zip(m.settings, samples, strict=True):
+    for s, got in zip(m.settings, runs, strict=True):
         s.pp = statistics.median(pp for pp, _ in got)
         s.tg = statistics.median(tg for _, tg in got)
+    for s, ratio in zip(sparse, ratios, strict=True):
+        s.pp_ratio = statistics.median(pp for pp, _ in ratio)
+        s.tg_ratio = statistics.median(tg for _, tg in ratio)
 
 
 def weight_bytes(path: Path) -> tuple[float, float, float]:
@@ -300,14 +320,13 @@ def run_model(m: ModelRun, args: argparse.Namespace, eval_file: Path) -> None:
 
 
 def speed_table(m: ModelRun) -> str:
-    dense = m.settings[0]
     lines = [
-        "| setting | sparsity measured | pp t/s | tg t/s | tg speedup | ideal | of ideal speed "
-        "| of ideal gain | PPL | mean KLD | top-1 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| setting | sparsity measured | pp t/s | pp vs dense | tg t/s | tg speedup | ideal "
+        "| of ideal speed | of ideal gain | PPL | mean KLD | top-1 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in m.settings:
-        up = s.tg / dense.tg
+        up = s.tg_ratio
         gain = f"{(up - 1) / (s.ideal - 1):.0%}" if s.ideal and s.ideal > 1.001 else ""
         q = s.quality
         qcols = (
@@ -317,8 +336,8 @@ def speed_table(m: ModelRun) -> str:
         ideal = "" if s.ideal is None else f"{s.ideal:.2f}"
         of_speed = "" if s.ideal is None else f"{up / s.ideal:.0%}"
         lines.append(
-            f"| {s.label} | {achieved} | {s.pp:.1f} | {s.tg:.1f} | {up:.2f} | {ideal} | {of_speed} "
-            f"| {gain} | {qcols} |"
+            f"| {s.label} | {achieved} | {s.pp:.1f} | {s.pp_ratio:.2f} | {s.tg:.1f} | {up:.2f} "
+            f"| {ideal} | {of_speed} | {gain} | {qcols} |"
         )
     return "\n".join(lines)
 
@@ -331,12 +350,9 @@ def plot(runs: list[ModelRun]) -> None:
 
     fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.6), squeeze=False)
     for ax, m in zip(axes[0], runs, strict=True):
-        dense = m.settings[0].tg
         for mode, marker in (("threshold", "o"), ("predict", "s")):
             pts = [s for s in m.settings if s.mode == mode]
-            ax.plot(
-                [s.achieved for s in pts], [s.tg / dense for s in pts], marker=marker, label=mode
-            )
+            ax.plot([s.achieved for s in pts], [s.tg_ratio for s in pts], marker=marker, label=mode)
             ax.plot([s.achieved for s in pts], [s.ideal for s in pts], ls=":", color="gray")
         ax.axhline(1.0, color="black", lw=0.5)
         ax.set_xlabel("FFN byte sparsity measured")
@@ -364,7 +380,7 @@ def main() -> int:
         "--reps",
         type=int,
         default=3,
-        help="speed rounds, each running every setting once (default: 3)",
+        help="speed rounds, each running every setting once between two dense runs (default: 3)",
     )
     ap.add_argument("--n-prompt", type=int, default=128, help="prefill tokens (default: 128)")
     ap.add_argument("--n-gen", type=int, default=64, help="decode tokens (default: 64)")
@@ -410,8 +426,10 @@ def main() -> int:
         cmd = " ".join(["python scripts/bench_sparse.py", *sys.argv[1:]])
         head = (
             f"Made by `{cmd}` on {platform.machine()}, {args.threads} threads; llama-bench pp"
-            f"{args.n_prompt} / tg{args.n_gen}, the median of {args.reps} rounds that each run "
-            "every setting once, in turn; sparsity measured and quality on "
+            f"{args.n_prompt} / tg{args.n_gen}, {args.reps} rounds that each run every setting "
+            "once, in turn, with a dense run before and after each: t/s is the median over the "
+            "rounds, a ratio (pp vs dense, tg speedup) the median of each run's ratio to the mean "
+            "of the two dense runs beside it; sparsity measured and quality on "
             f"{args.eval_chars} characters of {source}, context {args.ctx}."
         )
         benchdoc.write_section(
