@@ -112,14 +112,16 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="threads (default: 2)")
     ap.add_argument("--n-prompt", type=int, default=128, help="prefill tokens (default: 128)")
     ap.add_argument("--n-gen", type=int, default=64, help="decode tokens (default: 64)")
-    ap.add_argument("--no-doc", action="store_true", help="do not touch docs/BENCHMARKS.md")
+    ap.add_argument(
+        "--no-doc", action="store_true", help="do not touch docs/BENCHMARKS.md or its plot"
+    )
     args = ap.parse_args()
 
     rows = run(args)
     tab = table(rows)
     print(tab)
-    plot(rows)
     if not args.no_doc:
+        plot(rows)
         cmd = " ".join(["python scripts/bench_parity.py", *sys.argv[1:]])
         benchdoc.write_section(
             "bench_parity",

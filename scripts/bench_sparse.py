@@ -26,7 +26,7 @@ Three tables, all measured in the same run, same build, same threads:
 
 Sparse files are converted once (default options) into the model cache.
 Prints the tables, saves docs/img/sparse.png and rewrites its section of
-docs/BENCHMARKS.md.
+docs/BENCHMARKS.md (neither with --no-doc).
 """
 
 from __future__ import annotations
@@ -386,7 +386,9 @@ def main() -> int:
     ap.add_argument("--n-gen", type=int, default=64, help="decode tokens (default: 64)")
     ap.add_argument("--ctx", type=int, default=512, help="perplexity context (default: 512)")
     ap.add_argument("--eval-chars", type=int, default=20000, help="evaluation text length")
-    ap.add_argument("--no-doc", action="store_true", help="do not touch docs/BENCHMARKS.md")
+    ap.add_argument(
+        "--no-doc", action="store_true", help="do not touch docs/BENCHMARKS.md or its plot"
+    )
     args = ap.parse_args()
 
     parts = []
@@ -401,7 +403,8 @@ def main() -> int:
             print(f"\n{m.name}\n{tab}")
             what = "synthetic, random weights: speed only" if m.synthetic else "real model"
             parts.append(f"**{m.name}** ({what}):\n\n{tab}")
-    plot(runs)
+    if not args.no_doc:
+        plot(runs)
     if not args.no_kernels:
         ktab = kernel_table(args.kernel_types)
         print(f"\nkernels\n{ktab}")
