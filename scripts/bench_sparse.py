@@ -167,9 +167,11 @@ def measure_speeds(m: ModelRun, args: argparse.Namespace) -> None:
     """Tokens/s of each setting, and its ratio to the dense model, over args.reps rounds.
 
     A round runs dense, the first sparse setting, dense, the second, ..., dense: each setting's
-    ratio is taken against the mean of the two dense runs beside it, so that this shared
-    machine's drift (10-50 % over minutes) cancels instead of landing on whichever settings a
-    slow spell hits. Reported: the median ratio and the median tokens/s over the rounds."""
+    ratio is taken against the mean of the two dense runs beside it, so that a slow spell of
+    this shared machine lands on both sides of a ratio instead of on whichever settings it hits.
+    It does not remove the spread between single processes (docs/BENCHMARKS.md), which only
+    more rounds average out. Reported: the median ratio and the median tokens/s over the
+    rounds."""
     dense, *sparse = m.settings
     runs: list[list[tuple[float, float]]] = [[] for _ in m.settings]
     ratios: list[list[tuple[float, float]]] = [[] for _ in sparse]
