@@ -341,6 +341,16 @@ static ggml_tensor * llama_sparse_act(ggml_context * ctx, ggml_tensor * g, llm_f
     }
 }
 
+// act(g) * u in one op where ggml has it, as upstream's build_ffn computes it
+static ggml_tensor * llama_sparse_act_mul(ggml_context * ctx, ggml_tensor * g, ggml_tensor * u, llm_ffn_op_type type_op) {
+    switch (type_op) {
+        case LLM_FFN_SILU: return ggml_swiglu_split(ctx, g, u);
+        case LLM_FFN_GELU: return ggml_geglu_split(ctx, g, u);
+        case LLM_FFN_RELU: return ggml_reglu_split(ctx, g, u);
+        default:           return ggml_mul(ctx, llama_sparse_act(ctx, g, type_op), u);
+    }
+}
+
 // rows of a [n_ff, n_tokens] mask or masked value tensor that are read per token: its nonzeros, [1, n_tokens]
 static ggml_tensor * llama_sparse_count_nonzero(ggml_context * ctx, ggml_tensor * t, bool is_01) {
     return ggml_sum_rows(ctx, is_01 ? t : ggml_step(ctx, ggml_abs(ctx, t)));
@@ -385,7 +395,7 @@ ggml_tensor * llama_sparse_build_ffn(
     if (inp->mode == LLAMA_SPARSE_MODE_OFF) {
         ggml_tensor * g = product(layer.ffn_gate, layer.ffn_gate_b, nullptr, "ffn_gate", "ffn_gate_b");
         ggml_tensor * u = product(layer.ffn_up,   layer.ffn_up_b,   nullptr, "ffn_up",   "ffn_up_b");
-        h = ggml_mul(ctx0, llama_sparse_act(ctx0, g, type_op), u);
+        h = llama_sparse_act_mul(ctx0, g, u, type_op);
         gctx.cb(h, "ffn_sparse_h", il);
     } else {
         // the three mask points
