@@ -61,16 +61,17 @@ def ours(sparse_script: Path, smollm2: Path) -> dict[str, Any]:
     return run_script(sparse_script, smollm2, None)
 
 
-def check_structure(r: dict[str, Any], stream_equals_chat: bool = True) -> None:
+def check_structure(r: dict[str, Any]) -> None:
     """What any model's results look like, whatever it generated.
 
     The streamed chat repeats the chat's prompt, so llama-cpp-python keeps the
-    cached prompt and evaluates only its last token again, alone. With
-    `stream_equals_chat` (the dense model) its greedy answer must be the
-    chat's. A sparse
-    file's prompt batch and single token sum in different orders
-    (test_sparse_runtime.py::test_token_by_token_equals_batched), and on the
-    pruned fixture that flips a near tie for the first word ("The" / "Le")."""
+    cached prompt and evaluates only its last token again, alone: a prompt
+    batch and a single token sum in different orders, which can flip a near
+    tie for the first word, so the streamed answer need not be the chat's.
+    Upstream itself does so with the dense model on an AVX2-only CPU ("La
+    femme de France" against "The capital of France is Paris."); a sparse
+    file does so on the AVX-512 machine too
+    (test_sparse_runtime.py::test_token_by_token_equals_batched)."""
     assert r["n_ctx"] == 512 and r["n_vocab"] > 1000
     assert r["greedy"]["text"].strip()
     assert r["greedy"]["finish_reason"] in ("stop", "length")
@@ -91,9 +92,7 @@ def check_structure(r: dict[str, Any], stream_equals_chat: bool = True) -> None:
     assert r["chat"]["role"] == "assistant" and r["chat"]["content"].strip()
     deltas = r["chat_stream"]["deltas"]
     assert deltas[0] == {"role": "assistant"} and len(deltas) > 3
-    # streaming does not change what greedy decoding says
-    if stream_equals_chat:
-        assert r["chat_stream"]["content"] == r["chat"]["content"]
+    assert r["chat_stream"]["content"].strip()
     tok = r["tokenize"]
     assert tok["detokenized"] == TEXT
     assert len(tok["special"]) == 2  # the control token is one token, "user" another
@@ -112,7 +111,7 @@ def test_script_runs_unchanged_on_upstream_and_identically_on_llama_sparse(
     for key in ref:
         assert ours[key] == ref[key], key
     # the real model's answers, so that equality is not equality of two failures
-    assert "Paris" in ref["chat"]["content"]
+    assert any("Paris" in ref[k]["content"] for k in ("chat", "chat_stream"))
 
 
 def test_script_runs_on_a_sparse_gguf(
@@ -120,7 +119,7 @@ def test_script_runs_on_a_sparse_gguf(
 ) -> None:
     r = run_script(sparse_script, sparse_smollm2, None)
     assert Path(r.pop("library")).parent == lib_dir()
-    check_structure(r, stream_equals_chat=False)
+    check_structure(r)
     # the converter keeps the vocabulary and the chat template
     assert r["n_vocab"] == ours["n_vocab"]
     assert r["tokenize"] == ours["tokenize"]
