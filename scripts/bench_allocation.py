@@ -25,7 +25,6 @@ Prints the tables and rewrites its section of docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -126,7 +125,7 @@ def main() -> int:
     if not args.no_doc:
         cmd = " ".join(["python scripts/bench_allocation.py", *sys.argv[1:]])
         head = (
-            f"Made by `{cmd}` on {platform.machine()}, {args.threads} threads; sparsity "
+            f"Made by `{cmd}` on {benchdoc.machine()}, {args.threads} threads; sparsity "
             f"measured and quality on {args.eval_chars} characters of {source}, context "
             f"{args.ctx}. Each cell: FFN byte sparsity the runtime measured, perplexity "
             "change, mean KL divergence and top-1 agreement against the dense model."

@@ -16,7 +16,6 @@ Prints tables and rewrites its section of docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tempfile
 import time
@@ -141,7 +140,7 @@ def main() -> int:
     print(tables)
     if not args.no_doc:
         cmd = " ".join(["python scripts/bench_convert.py", *sys.argv[1:]])
-        section = f"Made by `{cmd}` on {platform.machine()}, {args.threads} threads.\n\n{tables}"
+        section = f"Made by `{cmd}` on {benchdoc.machine()}, {args.threads} threads.\n\n{tables}"
         benchdoc.write_section("bench_convert", section)
     return 0
 

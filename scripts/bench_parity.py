@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -125,7 +124,7 @@ def main() -> int:
         cmd = " ".join(["python scripts/bench_parity.py", *sys.argv[1:]])
         benchdoc.write_section(
             "bench_parity",
-            f"Made by `{cmd}` on {platform.machine()}, {args.threads} threads, model "
+            f"Made by `{cmd}` on {benchdoc.machine()}, {args.threads} threads, model "
             f"{args.model}, {args.rounds} alternating rounds of llama-bench -r {args.reps}.\n\n"
             f"{tab}\n\n![parity](img/{PLOT.name})",
         )

@@ -22,7 +22,6 @@ model it is). Prints the tables and rewrites its section of docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 
 import benchdoc
@@ -90,7 +89,7 @@ def main() -> int:
     if not args.no_doc:
         cmd = " ".join(["python scripts/bench_predictor.py", *sys.argv[1:]])
         head = (
-            f"Sign-bit predictor per layer, made by `{cmd}` on {platform.machine()}: alpha as "
+            f"Sign-bit predictor per layer, made by `{cmd}` on {benchdoc.machine()}: alpha as "
             "calibrated by the converter (target precision on the calibration text; off where "
             "no alpha reaches it) and SparseInfer's alpha 1, measured on the evaluation text "
             f"({source}). Precision: skipped neurons whose gate is negative; recall: negative "

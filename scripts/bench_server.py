@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import sys
 import threading
 import time
@@ -303,7 +302,7 @@ def main() -> int:
     head = (
         f"{model.name}, {args.clients} clients / slots, {args.requests} requests per setting "
         f"(streamed, max_tokens {args.max_tokens}), server threads {args.threads}, "
-        f"{platform.machine()}"
+        f"{benchdoc.machine()}"
     )
     print(f"\n{head}\n{tab}")
     if not args.no_doc:

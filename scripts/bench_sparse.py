@@ -35,7 +35,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -430,7 +429,7 @@ def main() -> int:
     if not args.no_doc:
         cmd = " ".join(["python scripts/bench_sparse.py", *sys.argv[1:]])
         head = (
-            f"Made by `{cmd}` on {platform.machine()}, {args.threads} threads; llama-bench pp"
+            f"Made by `{cmd}` on {benchdoc.machine()}, {args.threads} threads; llama-bench pp"
             f"{args.n_prompt} / tg{args.n_gen}, {args.reps} rounds that each run every setting "
             "once, in turn, with a dense run before and after each: t/s is the median over the "
             "rounds, a ratio (pp vs dense, tg speedup) the median of each run's ratio to the mean "

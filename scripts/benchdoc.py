@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md"
@@ -18,3 +19,31 @@ def write_section(name: str, section: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     DOC.write_text(text)
+
+
+# AVX-512 extensions the sparse kernels use, as /proc/cpuinfo spells them
+_AVX512_EXT = [("avx512_vnni", "VNNI"), ("avx512vbmi", "VBMI"), ("avx512_vpopcntdq", "VPOPCNTDQ")]
+
+
+def machine() -> str:
+    """The CPU a section was measured on, as its header names it: architecture, model and the
+    widest vector extensions the kernels use (AVX-512 and which of its extensions, or AVX2)."""
+    arch = platform.machine()
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return arch
+    fields = dict(
+        (k.strip(), v.strip()) for k, _, v in (ln.partition(":") for ln in info.splitlines()) if v
+    )
+    name = fields.get("model name", "")
+    flags = set(fields.get("flags", "").split())
+    if "avx512f" in flags:
+        ext = [e for f, e in _AVX512_EXT if f in flags]
+        isa = "AVX-512" + (f" with {', '.join(ext)}" if ext else "")
+    elif "avx2" in flags:
+        isa = "AVX2"
+    else:
+        isa = ""
+    detail = "; ".join(p for p in (name, isa) if p)
+    return f"{arch} ({detail})" if detail else arch
