@@ -366,6 +366,20 @@ def plot(runs: list[ModelRun]) -> None:
     fig.savefig(PLOT, dpi=100)
 
 
+def cache_note() -> str:
+    """Which of the kernel table's Q4_0 matrices fit this CPU's L3, as sysfs reports it."""
+    sizes = {"7B": 4096 * 11008 * 18 // 32, "70B": 8192 * 28672 * 18 // 32}
+    mats = f"a 7B Q4_0 matrix is {sizes['7B'] / 1e6:.0f} MB, a 70B one {sizes['70B'] / 1e6:.0f} MB"
+    try:
+        text = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
+        l3 = int(text[:-1]) << {"K": 10, "M": 20, "G": 30}[text[-1]]
+    except (OSError, ValueError, KeyError, IndexError):
+        return f"{mats}; the L3 size is unknown"
+    fit = [k for k, v in sizes.items() if v <= l3]
+    fits = " and ".join(fit) + (" fit" if len(fit) > 1 else " fits") if fit else "neither fits"
+    return f"{mats}; the L3 sysfs reports (on a VM possibly the host's) is {l3 >> 20} MiB: {fits}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -413,9 +427,7 @@ def main() -> int:
         threads = max(1, (os.cpu_count() or 2) // 2)
         parts.append(
             f"Kernels, {threads} thread(s) (test-backend-ops perf: half the cores), random masks, "
-            "the same mask every run: a 7B matrix (25 MB at Q4_0) fits a 32 MiB L3, and then "
-            "the active rows come from cache; the 70B shapes show the case where they "
-            f"cannot:\n\n{ktab}"
+            f"the same mask every run: {cache_note()}:\n\n{ktab}"
         )
         ptab = prefill_kernel_table(["q4_0", "q4_K", "q8_0"])
         print(f"\nprefill kernels\n{ptab}")
