@@ -33,7 +33,7 @@
 //             token's threads share out the (half, block-aligned column slice)
 //             pairs, so two threads each stream one half's whole rows; a
 //             batch's threads take a column slice of both halves. With
-//             VNNI and VBMI (Q4_0, Q4_1, Q8_0, Q4_K) each token sums 16 of its
+//             VNNI and VBMI (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K) each token sums 16 of its
 //             active rows at a time in 32-bit integers, their coefficients h*d
 //             rounded to bytes on a scale shared by the 16, in slabs of rows
 //             that a batch's tokens take in turn (up to 4 at a time that have
@@ -54,6 +54,14 @@
 //             as ggml's repacked path does (token quads over threads, then a
 //             barrier); the rows split in contiguous ranges of ~128 KB tiles
 //             that a thread interleaves and runs ggml's repacked GEMM on.
+
+// GCC 12's AVX-512 headers use an uninitialized vector as the don't-care source of
+// several intrinsics (_mm512_permutexvar_ps, _mm512_castsi128_si512, ...) and warn
+// wherever one is inlined (GCC PR 105593): hundreds of false warnings in this file
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 
 #define GGML_COMMON_DECL_CPP
 #include "ggml-common.h"
@@ -1154,7 +1162,7 @@ static void sparse_down_rows(const char * data, size_t nb1, const std::vector<st
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
-// Integer sums (Q4_0, Q4_1, Q8_0, Q4_K). Counted from the source, the float path takes about
+// Integer sums (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K). Counted from the source, the float path takes about
 // 19 instructions for each 32 weights of a row (decode to floats, then load, multiply-add and
 // store the sums), this one about 4 (Q4_0: 11 for a quad of rows, 11 to flush a group of 16,
 // about 12 per row for the coefficients of 16 blocks). It takes SPARSE_DOWN_GROUP active rows
@@ -1276,6 +1284,48 @@ struct sparse_int_q4_1 : sparse_int_nibbles<block_q4_1> {
     }
 };
 
+// Q5_0: Q4_0's nibbles, plus each column's fifth bit from qh (bit i: column i), 16 added
+struct sparse_int_q5_0 {
+    using blk = sparse_blk_q5_0;
+    static constexpr int  q_off   = 16;
+    static constexpr bool has_min = false;
+    static constexpr int  step    = 1;
+    static void scales(const char * row, int64_t c, int n, __m512 & d, __m512 & m) {
+        sparse_scales_d<blk>(row, c, n, d, m);
+    }
+    // byte 4i + u of the result: byte BASE + i/8 of row u's qh (bytes 4u.. of the source); of bits:
+    // bit i%8 of it
+    template <int BASE>
+    static __m512i qh_idx() {
+        static constexpr struct idx_t {
+            alignas(64) uint8_t v[64];
+            constexpr idx_t() : v() { for (int l = 0; l < 64; ++l) { v[l] = (uint8_t) (4*(l % 4) + BASE + l/32); } }
+        } idx;
+        return _mm512_load_si512(idx.v);
+    }
+    static __m512i qh_bits() {
+        static constexpr struct bits_t {
+            alignas(64) uint8_t v[64];
+            constexpr bits_t() : v() { for (int l = 0; l < 64; ++l) { v[l] = (uint8_t) (1u << (l/4 % 8)); } }
+        } bits;
+        return _mm512_load_si512(bits.v);
+    }
+    static void quants(const char * const * r, int64_t c, __m512i * q) {
+        sparse_int_nibbles<block_q5_0>::quants(r, c, q);
+        uint32_t qh[4];
+        for (int u = 0; u < 4; ++u) {
+            memcpy(&qh[u], ((const block_q5_0 *) r[u])[c].qh, sizeof(qh[u]));
+        }
+        const __m512i h   = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *) qh));
+        const __m512i b   = qh_bits();
+        const __m512i e16 = _mm512_set1_epi8(16);
+        const __mmask64 h0 = _mm512_test_epi8_mask(_mm512_permutexvar_epi8(qh_idx<0>(), h), b); // columns 0..15
+        const __mmask64 h1 = _mm512_test_epi8_mask(_mm512_permutexvar_epi8(qh_idx<2>(), h), b); // 16..31
+        q[0] = _mm512_mask_add_epi8(q[0], h0, q[0], e16);
+        q[1] = _mm512_mask_add_epi8(q[1], h1, q[1], e16);
+    }
+};
+
 struct sparse_int_q8_0 {
     using blk = sparse_blk_q8_0;
     static constexpr int  q_off   = 128;
@@ -1376,10 +1426,6 @@ static void sparse_down_rows_int(const char * data, size_t nb1, const std::pair<
         }
         for (int64_t cb = c0; cb < c1; cb += 16) {
             const int nb = (int) std::min<int64_t>(16, c1 - cb);
-            // the next group's same 16 blocks into L2, a steady stream
-            for (size_t r = g + G; r < std::min(n, g + 2*G); ++r) {
-                sparse_prefetch_l2(data + act[r].first*nb1 + cb/B::nsub*B::size, (nb + B::nsub - 1)/B::nsub*B::size);
-            }
             // each row's scales of the 16 blocks; per token, the coefficients row by row as bytes on
             // the group's scale (its largest 127), the four of a quad of rows in one 32-bit word,
             // and the min terms
@@ -1557,6 +1603,7 @@ template <typename Q>
 static void sparse_down_int(const char *, size_t, const ggml_tensor *, const std::vector<std::pair<int32_t, float>> &, int64_t, int64_t, int64_t, int64_t, float *, int64_t);
 using sparse_int_q4_0 = void;
 using sparse_int_q4_1 = void;
+using sparse_int_q5_0 = void;
 using sparse_int_q8_0 = void;
 using sparse_int_q4_K = void;
 #endif
@@ -1661,7 +1708,7 @@ static void sparse_down_fast(const ggml_tensor * dt, const ggml_tensor * h, cons
     switch (dt->type) {
         case GGML_TYPE_Q4_0: sparse_down_block<sparse_blk_q4_0, sparse_int_q4_0>(data, nb1, h, act, r0, r1, j0, j1, out, n_embd); break;
         case GGML_TYPE_Q4_1: sparse_down_block<sparse_blk_q4_1, sparse_int_q4_1>(data, nb1, h, act, r0, r1, j0, j1, out, n_embd); break;
-        case GGML_TYPE_Q5_0: sparse_down_block<sparse_blk_q5_0>(data, nb1, h, act, r0, r1, j0, j1, out, n_embd); break;
+        case GGML_TYPE_Q5_0: sparse_down_block<sparse_blk_q5_0, sparse_int_q5_0>(data, nb1, h, act, r0, r1, j0, j1, out, n_embd); break;
         case GGML_TYPE_Q8_0: sparse_down_block<sparse_blk_q8_0, sparse_int_q8_0>(data, nb1, h, act, r0, r1, j0, j1, out, n_embd); break;
         case GGML_TYPE_Q4_K: sparse_down_block<sparse_blk_q4_K, sparse_int_q4_K>(data, nb1, h, act, r0, r1, j0, j1, out, n_embd); break;
         case GGML_TYPE_Q5_K: sparse_down_block<sparse_blk_q5_K>(data, nb1, h, act, r0, r1, j0, j1, out, n_embd); break;

@@ -53,10 +53,11 @@ struct test_sparse_op : public test_case {
 
     double max_nmse_err() override {
         // mul_mat quantizes x to the weight's dot-product type, as ggml's mat-vec does, and down's
-        // integer path (these four types) each coefficient h*d to 8 bits; the rest is exact up to
+        // integer path (these five types) each coefficient h*d to 8 bits; the rest is exact up to
         // summation order
         const bool int_down = op == GGML_OP_SPARSE_DOWN && (type == GGML_TYPE_Q4_0 || type == GGML_TYPE_Q4_1 ||
-                                                            type == GGML_TYPE_Q8_0 || type == GGML_TYPE_Q4_K);
+                                                            type == GGML_TYPE_Q5_0 || type == GGML_TYPE_Q8_0 ||
+                                                            type == GGML_TYPE_Q4_K);
         return op == GGML_OP_SPARSE_MUL_MAT || int_down ? 5e-4 : 1e-6;
     }
 
