@@ -1199,7 +1199,6 @@ static __m512i sparse_quad_idx() {
 // Q4_0 and Q4_1 (block: their block type): each row's 16 bytes of nibbles, low ones first
 template <typename block>
 struct sparse_int_nibbles {
-    static constexpr int step  = 1;
     static void quants(const char * const * r, int64_t c, __m512i * q) {
         const __m512i idx = sparse_quad_idx<16, 0>();
         __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *) ((const block *) r[0])[c].qs));
@@ -1260,25 +1259,25 @@ static __m512i sparse_block_heads(const char * p, int n) {
     return r;
 }
 
-// d of n blocks of type B from block c of a row, d a block's first half (Q4_0, Q8_0)
-template <typename B>
-static void sparse_scales_d(const char * row, int64_t c, int n, __m512 & d, __m512 &) {
-    d = _mm512_cvtph_ps(_mm512_castsi512_si256(sparse_block_heads<B::size, 1>(row + c*B::size, n)));
-}
-
-struct sparse_int_q4_0 : sparse_int_nibbles<block_q4_0> {
-    using blk = sparse_blk_q4_0;
-    static constexpr int  q_off   = 8;
+// Q4_0, Q5_0 and Q8_0: one block at a time, no min, d a block's first half
+template <typename BLK, int Q_OFF>
+struct sparse_int_d {
+    using blk = BLK;
+    static constexpr int  q_off   = Q_OFF;
     static constexpr bool has_min = false;
-    static void scales(const char * row, int64_t c, int n, __m512 & d, __m512 & m) {
-        sparse_scales_d<blk>(row, c, n, d, m);
+    static constexpr int  step    = 1;
+    static void scales(const char * row, int64_t c, int n, __m512 & d, __m512 &) {
+        d = _mm512_cvtph_ps(_mm512_castsi512_si256(sparse_block_heads<blk::size, 1>(row + c*blk::size, n)));
     }
 };
+
+struct sparse_int_q4_0 : sparse_int_d<sparse_blk_q4_0, 8>, sparse_int_nibbles<block_q4_0> {};
 
 struct sparse_int_q4_1 : sparse_int_nibbles<block_q4_1> {
     using blk = sparse_blk_q4_1;
     static constexpr int  q_off   = 0;
     static constexpr bool has_min = true;
+    static constexpr int  step    = 1;
     static void scales(const char * row, int64_t c, int n, __m512 & d, __m512 & m) {
         const __m512i dm = sparse_block_heads<blk::size, 2>(row + c*blk::size, n); // d, then m
         d = _mm512_cvtph_ps(_mm512_castsi512_si256(dm));
@@ -1287,14 +1286,7 @@ struct sparse_int_q4_1 : sparse_int_nibbles<block_q4_1> {
 };
 
 // Q5_0: Q4_0's nibbles, plus each column's fifth bit from qh (bit i: column i), 16 added
-struct sparse_int_q5_0 {
-    using blk = sparse_blk_q5_0;
-    static constexpr int  q_off   = 16;
-    static constexpr bool has_min = false;
-    static constexpr int  step    = 1;
-    static void scales(const char * row, int64_t c, int n, __m512 & d, __m512 & m) {
-        sparse_scales_d<blk>(row, c, n, d, m);
-    }
+struct sparse_int_q5_0 : sparse_int_d<sparse_blk_q5_0, 16> {
     // byte 4i + u of the result: byte BASE + i/8 of row u's qh (bytes 4u.. of the source); of bits:
     // bit i%8 of it
     template <int BASE>
@@ -1328,14 +1320,7 @@ struct sparse_int_q5_0 {
     }
 };
 
-struct sparse_int_q8_0 {
-    using blk = sparse_blk_q8_0;
-    static constexpr int  q_off   = 128;
-    static constexpr bool has_min = false;
-    static constexpr int  step    = 1;
-    static void scales(const char * row, int64_t c, int n, __m512 & d, __m512 & m) {
-        sparse_scales_d<blk>(row, c, n, d, m);
-    }
+struct sparse_int_q8_0 : sparse_int_d<sparse_blk_q8_0, 128> {
     // the quants plus 128 (q_off), to be unsigned
     static void quants(const char * const * r, int64_t c, __m512i * q) {
         const __m512i lo = sparse_quad_idx<32, 0>();
