@@ -57,8 +57,10 @@
 
 // GCC 12's AVX-512 headers use an uninitialized vector as the don't-care source of
 // several intrinsics (_mm512_permutexvar_ps, _mm512_castsi128_si512, ...) and warn
-// wherever one is inlined (GCC PR 105593): hundreds of false warnings in this file
+// wherever one is inlined (GCC PR 105593): hundreds of false warnings in this file.
+// Silenced for the headers only; this file's own code keeps the warnings.
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
+#pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
@@ -86,6 +88,10 @@
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
+#pragma GCC diagnostic pop
 #endif
 
 static constexpr int64_t SPARSE_ROW_CHUNK = 16;
@@ -1221,8 +1227,9 @@ static __m512i sparse_rows_32(const char * r0, const char * r1, size_t off) {
 // The NH 16-bit halves at the start of each of n <= 16 blocks of SIZE bytes from p: half h of
 // block b in word 16h + b (the words of blocks n.. zero). Read as 128-byte windows of whole
 // blocks, one word permute each (with a gather per row, the axpy took 10 % longer, 1 thread;
-// on a CPU that GDS does not affect, 4-8 % shorter for Q8_0 and Q5_0, but GDS's microcode
-// mitigation makes gathers several times slower on the Ice Lake and Tiger Lake CPUs that have VNNI).
+// on the CPU GDS does not affect that this project measures on, 4-8 % shorter for Q8_0 and Q5_0,
+// but the GDS microcode mitigation on Ice Lake and Tiger Lake, CPUs with VNNI, targets gathers:
+// not measured here).
 template <int SIZE, int NH>
 struct sparse_heads_idx {
     static constexpr int per = (128 - 2*NH)/SIZE + 1; // blocks whose heads are in one window
@@ -1287,8 +1294,8 @@ struct sparse_int_q4_1 : sparse_int_nibbles<block_q4_1> {
 
 // Q5_0: Q4_0's nibbles, plus each column's fifth bit from qh (bit i: column i), 16 added
 struct sparse_int_q5_0 : sparse_int_d<sparse_blk_q5_0, 16> {
-    // byte 4i + u of the result: byte BASE + i/8 of row u's qh (bytes 4u.. of the source); of bits:
-    // bit i%8 of it
+    // from four rows' qh words (row u's in bytes 4u..4u + 3): byte 4i + u of the result is the
+    // byte holding bit BASE*8 + i of row u's word, and qh_bits() masks that bit (i%8)
     template <int BASE>
     static __m512i qh_idx() {
         static constexpr struct idx_t {
