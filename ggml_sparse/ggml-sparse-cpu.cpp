@@ -1419,8 +1419,8 @@ struct sparse_v16 {
 struct sparse_int_tab {
     const sparse_v16 * d;
     const sparse_v16 * m;
-    int64_t        i0;
-    int64_t        n_chunks;
+    int64_t            i0;
+    int64_t            n_chunks;
 };
 
 // the n active rows (in row order) of NT <= SPARSE_DOWN_SHARE tokens that have the same ones,
