@@ -1447,6 +1447,14 @@ static void sparse_down_rows_int(const char * data, size_t nb1, const std::pair<
         }
         for (int64_t cb = c0; cb < c1; cb += 16) {
             const int nb = (int) std::min<int64_t>(16, c1 - cb);
+            if (!tab) {
+                // a token or a few: these blocks of the next group's rows prefetched into L2
+                // (from memory, AMD EPYC, 70B every row: Q4_K 11.6 -> 6.3 ms; docs/ARCHITECTURE.md)
+                const size_t len = (nb + B::nsub - 1)/B::nsub*B::size;
+                for (size_t k = g + G; k < std::min(n, g + 2*G); ++k) {
+                    sparse_prefetch_l2(data + act[k].first*nb1 + cb/B::nsub*B::size, len);
+                }
+            }
             // each row's scales of the 16 blocks; per token, the coefficients row by row as bytes on
             // the group's scale (its largest 127), the four of a quad of rows in one 32-bit word,
             // and the min terms
